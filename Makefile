@@ -1,0 +1,57 @@
+# leasekeeper: the commands every user and CI start from.
+#   make run    the operator on the cluster in KUBECONFIG, or on a local control plane
+#   make test   unit, property and end-to-end tests (starts its own control plane)
+#   make lint   rustfmt and clippy
+SHELL := /usr/bin/env bash
+PLANE := hack/control-plane.sh
+E2E_PLANE := target/e2e-plane
+CARGO ?= cargo
+# Property-test sequences for `make test` (CI) and `make soak`.
+PROPTEST_CASES ?= 10000
+SOAK_CASES ?= 1000000
+
+.PHONY: all build release crd run test unit e2e lint soak plane-build plane-up plane-down clean-plane
+
+all: build
+
+build:
+	$(CARGO) build --locked
+
+release:
+	$(CARGO) build --locked --release
+
+## Regenerate the committed CRD from the Rust types.
+crd:
+	$(CARGO) run --locked -q -- crd > crds/lockclaims.leasekeeper.io.yaml
+
+## Build kube-apiserver, kubectl, etcd and helm from Go modules (cached by version).
+plane-build:
+	$(PLANE) build
+
+plane-up: plane-build
+	$(PLANE) up $(E2E_PLANE)
+
+plane-down:
+	$(PLANE) down $(E2E_PLANE)
+
+## The operator: against KUBECONFIG when it answers, else on a local control plane.
+run: plane-build
+	hack/run.sh
+
+## Everything: unit + property tests, then e2e tests on a real control plane.
+## KEEP_PLANE=1 leaves the control plane running for the next run.
+test: plane-up
+	PROPTEST_CASES=$(PROPTEST_CASES) $(CARGO) test --locked --all-targets -- --nocapture 2>&1 | tee target/test.log; \
+	  rc=$${PIPESTATUS[0]}; \
+	  [ -n "$(KEEP_PLANE)" ] || $(PLANE) down $(E2E_PLANE); \
+	  exit $$rc
+
+unit:
+	PROPTEST_CASES=$(PROPTEST_CASES) $(CARGO) test --locked --lib
+
+soak:
+	PROPTEST_CASES=$(SOAK_CASES) $(CARGO) test --locked --release --lib arbiter::proptests
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings

@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# control-plane.sh: a real kube-apiserver + etcd on loopback, built from Go modules.
+#
+#   hack/control-plane.sh build          build kube-apiserver, kubectl, etcd, helm (cached)
+#   hack/control-plane.sh up   [DIR]     start etcd + kube-apiserver, write DIR/kubeconfig
+#   hack/control-plane.sh down [DIR]     stop exactly the processes `up` started in DIR
+#   hack/control-plane.sh env  [DIR]     print `export ...` lines for DIR
+#   hack/control-plane.sh bin            print the directory that holds the binaries
+#
+# DIR defaults to $LK_PLANE_DIR or ./.plane. Several DIRs may run side by side: every
+# instance picks its own free ports and keeps its own pids, certificates and data.
+set -euo pipefail
+
+KVER=${KVER:-v1.35.4}
+EVER=${EVER:-v3.6.16}
+HVER=${HVER:-v3.22.0}
+CACHE=${LK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/leasekeeper}
+BIN=$CACHE/bin-$KVER-etcd-$EVER-helm-$HVER
+export GOTOOLCHAIN=local CGO_ENABLED=0
+
+log() { printf '[control-plane] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+build_k8s() {
+  local out=$CACHE/src/k8s-$KVER sver=v0.${KVER#v1.} minor
+  minor=$(echo "$KVER" | cut -d. -f2)
+  if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kubectl" ]; then return 0; fi
+  mkdir -p "$out" "$BIN"
+  local gomod
+  gomod=$(cd "$out" && GOFLAGS= go mod download -json "k8s.io/kubernetes@$KVER" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])') ||
+    die "cannot download k8s.io/kubernetes@$KVER from the Go module proxy"
+  local gover
+  gover=$(sed -n 's/^go \([0-9.]*\)$/\1/p' "$gomod" | head -1)
+  {
+    printf 'module local/k8sbins\n\ngo %s\n\nrequire k8s.io/kubernetes %s\n\nreplace (\n' "${gover:-1.24.0}" "$KVER"
+    sed -n 's#^[[:space:]]*\(k8s\.io/[A-Za-z0-9._-]*\) => \./staging/.*#\1#p' "$gomod" |
+      while read -r m; do printf '\t%s => %s %s\n' "$m" "$m" "$sver"; done
+    printf ')\n'
+  } >"$out/go.mod"
+  # Stamp the real version so /version and `kubectl version` report it (hack/lib/version.sh keys).
+  local ld="-s -w" p
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld="$ld -X $p.gitVersion=$KVER -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
+  done
+  log "building kube-apiserver and kubectl $KVER (cold: ~15-25 min on 2 cores)"
+  (cd "$out" && GOFLAGS=-mod=mod go build -trimpath -ldflags "$ld" -o "$BIN/" \
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl)
+  "$BIN/kube-apiserver" --version
+}
+
+build_etcd() {
+  [ -x "$BIN/etcd" ] && return 0
+  local out=$CACHE/src/etcd-$EVER
+  mkdir -p "$out" "$BIN"
+  printf 'module local/etcdbin\n\ngo 1.24\n\nrequire go.etcd.io/etcd/server/v3 %s\n' "$EVER" >"$out/go.mod"
+  log "building etcd $EVER"
+  (cd "$out" && GOFLAGS=-mod=mod go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" go.etcd.io/etcd/server/v3)
+  "$BIN/etcd" --version | head -1
+}
+
+build_helm() {
+  [ -x "$BIN/helm" ] && return 0
+  local out=$CACHE/src/helm-$HVER
+  mkdir -p "$out" "$BIN"
+  printf 'module local/helmbin\n\ngo 1.24\n\nrequire helm.sh/helm/v3 %s\n' "$HVER" >"$out/go.mod"
+  log "building helm $HVER"
+  (cd "$out" && GOFLAGS=-mod=mod go build -trimpath \
+    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HVER" -o "$BIN/helm" helm.sh/helm/v3/cmd/helm)
+  "$BIN/helm" version --short
+}
+
+free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+up() {
+  local w=$1 p
+  for b in etcd kube-apiserver; do [ -x "$BIN/$b" ] || die "$BIN/$b missing: run '$0 build' first"; done
+  if alive "$w/apiserver.pid" && [ -f "$w/kubeconfig" ]; then
+    log "already running in $w"; return 0
+  fi
+  down "$w" >/dev/null 2>&1 || true
+  mkdir -p "$w"; w=$(cd "$w" && pwd); p=$w/pki
+  rm -rf "$w/etcd" "$p"; mkdir -p "$p" "$w/etcd"
+  local ep pp ap
+  ep=$(free_port); pp=$(free_port); ap=$(free_port)
+  o() { openssl "$@" >/dev/null 2>&1 || die "openssl $1 failed"; }
+  o req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=leasekeeper-test-ca -keyout "$p/ca.key" -out "$p/ca.crt"
+  o req -newkey rsa:2048 -nodes -subj /CN=kube-apiserver -keyout "$p/srv.key" -out "$p/srv.csr"
+  printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$p/srv.ext"
+  o x509 -req -in "$p/srv.csr" -CA "$p/ca.crt" -CAkey "$p/ca.key" -CAcreateserial -days 30 -extfile "$p/srv.ext" -out "$p/srv.crt"
+  o req -newkey rsa:2048 -nodes -subj "/O=system:masters/CN=leasekeeper-admin" -keyout "$p/admin.key" -out "$p/admin.csr"
+  printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' >"$p/cli.ext"
+  o x509 -req -in "$p/admin.csr" -CA "$p/ca.crt" -CAkey "$p/ca.key" -CAcreateserial -days 30 -extfile "$p/cli.ext" -out "$p/admin.crt"
+  o genrsa -out "$p/sa.key" 2048
+  o rsa -in "$p/sa.key" -pubout -out "$p/sa.pub"
+  local nofsync=
+  "$BIN/etcd" --help 2>&1 | grep -q unsafe-no-fsync && nofsync=--unsafe-no-fsync=true
+  # setsid: each daemon leads its own process group, so a Ctrl-C in the caller's
+  # terminal does not reach it and `down` can stop it (and only it) by pid.
+  setsid "$BIN/etcd" --name lk --data-dir "$w/etcd" \
+    --listen-client-urls "http://127.0.0.1:$ep" --advertise-client-urls "http://127.0.0.1:$ep" \
+    --listen-peer-urls "http://127.0.0.1:$pp" --initial-advertise-peer-urls "http://127.0.0.1:$pp" \
+    --initial-cluster "lk=http://127.0.0.1:$pp" $nofsync >"$w/etcd.log" 2>&1 </dev/null &
+  echo $! >"$w/etcd.pid"
+  echo "$ep" >"$w/etcd.port"
+  setsid "$BIN/kube-apiserver" --etcd-servers="http://127.0.0.1:$ep" --bind-address=127.0.0.1 --secure-port="$ap" \
+    --cert-dir="$p" --tls-cert-file="$p/srv.crt" --tls-private-key-file="$p/srv.key" --client-ca-file="$p/ca.crt" \
+    --authorization-mode=RBAC --service-account-issuer="https://127.0.0.1:$ap/" \
+    --service-account-key-file="$p/sa.pub" --service-account-signing-key-file="$p/sa.key" \
+    --service-cluster-ip-range=10.0.0.0/24 --allow-privileged=true \
+    --disable-admission-plugins=ServiceAccount ${LK_APISERVER_EXTRA_ARGS:-} >"$w/apiserver.log" 2>&1 </dev/null &
+  echo $! >"$w/apiserver.pid"
+  echo "$ap" >"$w/apiserver.port"
+  b64() { base64 -w0 "$1"; }
+  cat >"$w/kubeconfig" <<EOC
+apiVersion: v1
+kind: Config
+clusters: [{name: leasekeeper-test, cluster: {server: "https://127.0.0.1:$ap", certificate-authority-data: $(b64 "$p/ca.crt")}}]
+users: [{name: leasekeeper-admin, user: {client-certificate-data: $(b64 "$p/admin.crt"), client-key-data: $(b64 "$p/admin.key")}}]
+contexts: [{name: leasekeeper-test, context: {cluster: leasekeeper-test, user: leasekeeper-admin, namespace: default}}]
+current-context: leasekeeper-test
+EOC
+  local i
+  for i in $(seq 240); do
+    if curl -fsS --cacert "$p/ca.crt" --cert "$p/admin.crt" --key "$p/admin.key" \
+      "https://127.0.0.1:$ap/readyz" >/dev/null 2>&1; then
+      log "ready: https://127.0.0.1:$ap (etcd 127.0.0.1:$ep), dir $w"
+      return 0
+    fi
+    if ! alive "$w/apiserver.pid"; then break; fi
+    sleep 0.25
+  done
+  log "kube-apiserver did not become ready; last lines of $w/apiserver.log:"
+  tail -40 "$w/apiserver.log" >&2 || true
+  log "last lines of $w/etcd.log:"; tail -10 "$w/etcd.log" >&2 || true
+  down "$w" >/dev/null 2>&1 || true
+  exit 1
+}
+
+stop_pid() {
+  local f=$1 pid i
+  [ -f "$f" ] || return 0
+  pid=$(cat "$f")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "$pid" 2>/dev/null || true
+    for i in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$f"
+}
+
+down() {
+  local w=$1
+  stop_pid "$w/apiserver.pid"
+  stop_pid "$w/etcd.pid"
+  log "stopped $w"
+}
+
+envlines() {
+  local w; w=$(cd "$1" && pwd)
+  echo "export KUBECONFIG=$w/kubeconfig"
+  echo "export PATH=$BIN:\$PATH"
+}
+
+cmd=${1:-}; dir=${2:-${LK_PLANE_DIR:-.plane}}
+case "$cmd" in
+  build) build_etcd; build_helm; build_k8s ;;
+  up) up "$dir" ;;
+  down) down "$dir" ;;
+  env) envlines "$dir" ;;
+  bin) echo "$BIN" ;;
+  *) sed -n '2,12p' "$0"; exit 2 ;;
+esac

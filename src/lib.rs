@@ -1,0 +1,21 @@
+//! leasekeeper: a Kubernetes operator that manages `coordination.k8s.io/v1` Lease
+//! lifecycle declaratively through `LockClaim` objects.
+//!
+//! - [`api`]: the `LockClaim` custom resource.
+//! - [`arbiter`]: the pure decision core (state in, writes out; no client, no clock).
+//! - [`controller`]: kube-runtime wiring that reads state, asks the arbiter and writes.
+//! - [`telemetry`]: logging, metrics and the probe server.
+
+pub mod api;
+pub mod arbiter;
+pub mod controller;
+pub mod telemetry;
+
+/// The field manager of every write the operator makes.
+pub const MANAGER: &str = "leasekeeper";
+/// The finalizer that lets the operator release a Lease before its claim disappears.
+pub const FINALIZER: &str = "leasekeeper.io/release";
+/// The label key and value that mark a Lease as created and managed by leasekeeper.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// See [`MANAGED_BY_LABEL`].
+pub const MANAGED_BY_VALUE: &str = "leasekeeper";

@@ -1,0 +1,299 @@
+//! Logging (tracing, text or JSON), Prometheus metrics and the probe server.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tracing_subscriber::EnvFilter;
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Errors of the telemetry layer.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The log filter could not be parsed.
+    #[error("invalid log level/filter {filter:?}: {source}")]
+    BadFilter {
+        /// The filter as given.
+        filter: String,
+        /// Why it was refused.
+        #[source]
+        source: tracing_subscriber::filter::ParseError,
+    },
+    /// A global subscriber was installed already.
+    #[error("logging was initialised twice")]
+    AlreadyInitialised,
+    /// The probe server could not bind its address.
+    #[error("cannot bind the metrics/probe address {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The bind error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Installs the global tracing subscriber. `RUST_LOG`, when set, wins over `level`.
+pub fn init_logging(format: LogFormat, level: &str) -> Result<(), TelemetryError> {
+    let filter_text = std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_string());
+    let filter = EnvFilter::try_new(&filter_text).map_err(|source| TelemetryError::BadFilter {
+        filter: filter_text.clone(),
+        source,
+    })?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    result.map_err(|_| TelemetryError::AlreadyInitialised)
+}
+
+/// Label set carrying one `reason`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// A stable PascalCase reason.
+    pub reason: String,
+}
+
+/// Label set carrying one `namespace`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceLabel {
+    /// The namespace.
+    pub namespace: String,
+}
+
+/// Label set carrying a write `kind`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabel {
+    /// What was written.
+    pub kind: WriteKind,
+}
+
+/// The kinds of API writes the operator makes, counted so their cost stays visible.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum WriteKind {
+    /// Lease create.
+    LeaseCreate,
+    /// Lease update that changes the holder.
+    LeaseGrant,
+    /// Lease update that only refreshes renewTime (Controller renewal).
+    LeaseRenew,
+    /// Lease update that clears the holder.
+    LeaseClear,
+    /// Lease delete (garbage collection).
+    LeaseDelete,
+    /// LockClaim status write.
+    ClaimStatus,
+    /// LockClaim finalizer add or remove.
+    ClaimFinalizer,
+    /// LockClaim delete (ttlSecondsAfterFinished).
+    ClaimDelete,
+}
+
+/// Every metric the operator exports.
+pub struct Metrics {
+    /// Grants made.
+    pub grants: Counter,
+    /// Grants ended by release (delete or `release: true`).
+    pub releases: Counter,
+    /// Grants ended by expiry, by reason.
+    pub expiries: Family<ReasonLabel, Counter>,
+    /// Holder changes written to Leases.
+    pub lease_transitions: Counter,
+    /// Waiting claims, per namespace.
+    pub queue_depth: Family<NamespaceLabel, Gauge>,
+    /// Claim creation to Granted.
+    pub grant_latency: Histogram,
+    /// Previous grant ended to next Granted.
+    pub handoff_latency: Histogram,
+    /// Reconcile errors, by reason.
+    pub reconcile_errors: Family<ReasonLabel, Counter>,
+    /// Reconciles run.
+    pub reconciles: Counter,
+    /// 1 while this replica is the leader (or leader election is off).
+    pub leader: Gauge,
+    /// Leases deleted by garbage collection.
+    pub gc_deleted: Counter,
+    /// API writes, by kind.
+    pub writes: Family<WriteLabel, Counter>,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let buckets = || {
+            Histogram::new([
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0, 300.0,
+            ])
+        };
+        let mut m = Metrics {
+            grants: Counter::default(),
+            releases: Counter::default(),
+            expiries: Family::default(),
+            lease_transitions: Counter::default(),
+            queue_depth: Family::default(),
+            grant_latency: buckets(),
+            handoff_latency: buckets(),
+            reconcile_errors: Family::default(),
+            reconciles: Counter::default(),
+            leader: Gauge::default(),
+            gc_deleted: Counter::default(),
+            writes: Family::default(),
+            registry: Registry::with_prefix("leasekeeper"),
+        };
+        let r = &mut m.registry;
+        r.register("grants", "Lease grants made", m.grants.clone());
+        r.register(
+            "releases",
+            "Grants ended by a clean release",
+            m.releases.clone(),
+        );
+        r.register(
+            "expiries",
+            "Grants ended by expiry, by reason",
+            m.expiries.clone(),
+        );
+        r.register(
+            "lease_transitions",
+            "Holder changes written to Leases",
+            m.lease_transitions.clone(),
+        );
+        r.register(
+            "queue_depth",
+            "Claims waiting, per namespace",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "grant_latency_seconds",
+            "Seconds from claim creation to Granted",
+            m.grant_latency.clone(),
+        );
+        r.register(
+            "handoff_latency_seconds",
+            "Seconds from the end of one grant to the next Granted on the same Lease",
+            m.handoff_latency.clone(),
+        );
+        r.register(
+            "reconcile_errors",
+            "Reconciles that failed, by reason",
+            m.reconcile_errors.clone(),
+        );
+        r.register("reconciles", "Reconciles run", m.reconciles.clone());
+        r.register("leader", "1 while this replica leads", m.leader.clone());
+        r.register(
+            "gc_deleted",
+            "Leases deleted by garbage collection",
+            m.gc_deleted.clone(),
+        );
+        r.register("api_writes", "API writes made, by kind", m.writes.clone());
+        m
+    }
+
+    /// Counts one write.
+    pub fn write(&self, kind: WriteKind) {
+        self.writes.get_or_create(&WriteLabel { kind }).inc();
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail except on a formatter error, which String never raises.
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// What `/readyz` reports.
+#[derive(Default)]
+pub struct Readiness {
+    ready: AtomicBool,
+}
+
+impl Readiness {
+    /// Marks the process ready (connected, CRD established, caches synced) or not.
+    pub fn set(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+    /// Whether the process is ready.
+    pub fn get(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Clone)]
+struct ProbeState {
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+}
+
+/// Binds `addr` and serves `/healthz`, `/readyz` and `/metrics` until the task is dropped.
+pub async fn serve_probes(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+) -> Result<tokio::task::JoinHandle<()>, TelemetryError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| TelemetryError::Bind { addr, source })?;
+    let local = listener.local_addr().unwrap_or(addr);
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(ProbeState { metrics, readiness });
+    tracing::info!(addr = %local, "serving /healthz, /readyz and /metrics");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "probe server stopped");
+        }
+    }))
+}
+
+async fn readyz(State(s): State<ProbeState>) -> impl IntoResponse {
+    if s.readiness.get() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+async fn metrics_text(State(s): State<ProbeState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+}
