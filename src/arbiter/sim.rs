@@ -1,0 +1,551 @@
+//! A model of the API server for testing the arbiter: claims and one Lease with
+//! resourceVersions drawn from one global revision (as etcd does), preconditions
+//! enforced on every write, finalizers, and the invariants of DESIGN.md checked after
+//! every single write, which is every moment a watcher could observe.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+use kube::api::ObjectMeta;
+
+use super::{decide, Config, Input, Memory, Now, Plan, Step};
+use crate::api::{LockClaim, LockClaimSpec, Phase, Renewal};
+use crate::FINALIZER;
+
+pub const NS: &str = "ns";
+pub const LEASE: &str = "lease";
+
+/// A holder process that renews the Lease while it names it.
+#[derive(Clone, Debug)]
+pub struct HolderProc {
+    pub identity: String,
+    pub every: Duration,
+    pub skew_secs: i64,
+    pub next: Duration,
+}
+
+pub struct World {
+    pub claims: BTreeMap<String, LockClaim>,
+    pub lease: Option<Lease>,
+    pub rv: u64,
+    pub wall: Timestamp,
+    pub mono: Duration,
+    pub memory: Memory,
+    pub config: Config,
+    pub max_token: i64,
+    pub notes: Vec<super::Note>,
+    /// Holders that renew in time: none of them may ever be expired.
+    pub healthy: BTreeMap<String, HolderProc>,
+    /// Invariant violations seen while applying writes.
+    pub violations: Vec<String>,
+    pub writes: usize,
+    pub grants: usize,
+    /// An outsider wrote the Lease since the operator last completed a plan.
+    pub outsider_dirty: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Conflict;
+
+impl Default for World {
+    fn default() -> Self {
+        World {
+            claims: BTreeMap::new(),
+            lease: None,
+            rv: 100,
+            wall: Timestamp::from_second(1_800_000_000).expect("valid"),
+            mono: Duration::from_secs(1000),
+            memory: Memory::default(),
+            config: Config {
+                gc_grace: Duration::from_secs(60),
+            },
+            max_token: 0,
+            notes: Vec::new(),
+            healthy: BTreeMap::new(),
+            violations: Vec::new(),
+            writes: 0,
+            grants: 0,
+            outsider_dirty: false,
+        }
+    }
+}
+
+pub fn spec(lease_duration: i32) -> LockClaimSpec {
+    LockClaimSpec {
+        lease_name: LEASE.into(),
+        holder_identity: None,
+        lease_duration_seconds: lease_duration,
+        priority: 0,
+        renewal: Renewal::Controller,
+        lock_delay_seconds: 0,
+        release: false,
+        max_hold_seconds: None,
+        ttl_seconds_after_finished: None,
+    }
+}
+
+impl World {
+    fn next_rv(&mut self) -> String {
+        self.rv += 1;
+        self.rv.to_string()
+    }
+
+    pub fn now(&self) -> Now {
+        Now {
+            wall: self.wall,
+            mono: self.mono,
+        }
+    }
+
+    pub fn create(&mut self, name: &str, spec: LockClaimSpec) {
+        let mut c = LockClaim::new(name, spec);
+        c.metadata.namespace = Some(NS.into());
+        c.metadata.generation = Some(1);
+        // creationTimestamp has one-second precision in Kubernetes: ties happen.
+        let secs = self.wall.as_second();
+        c.metadata.creation_timestamp = Some(Time(Timestamp::from_second(secs).expect("valid")));
+        c.metadata.resource_version = Some(self.next_rv());
+        self.claims.insert(name.into(), c);
+    }
+
+    pub fn delete(&mut self, name: &str) {
+        let Some(c) = self.claims.get_mut(name) else {
+            return;
+        };
+        if c.metadata
+            .finalizers
+            .as_ref()
+            .is_some_and(|f| !f.is_empty())
+        {
+            if c.metadata.deletion_timestamp.is_none() {
+                c.metadata.deletion_timestamp = Some(Time(self.wall));
+                self.rv += 1;
+                c.metadata.resource_version = Some(self.rv.to_string());
+            }
+        } else {
+            self.claims.remove(name);
+        }
+    }
+
+    pub fn release(&mut self, name: &str) {
+        let rv = self.next_rv();
+        if let Some(c) = self.claims.get_mut(name) {
+            if !c.spec.release {
+                c.spec.release = true;
+                c.metadata.generation = Some(c.metadata.generation.unwrap_or(1) + 1);
+                c.metadata.resource_version = Some(rv);
+            }
+        }
+    }
+
+    /// A holder renews: only while the Lease names it, with its resourceVersion.
+    pub fn renew(&mut self, identity: &str, skew_secs: i64) -> bool {
+        let names_it = self
+            .lease
+            .as_ref()
+            .and_then(|l| l.spec.as_ref())
+            .and_then(|s| s.holder_identity.as_deref())
+            == Some(identity);
+        if !names_it {
+            return false;
+        }
+        let t = self
+            .wall
+            .checked_add(jiff::SignedDuration::from_secs(skew_secs))
+            .unwrap_or(self.wall);
+        let rv = self.next_rv();
+        if let Some(l) = self.lease.as_mut() {
+            if let Some(s) = l.spec.as_mut() {
+                s.renew_time = Some(MicroTime(t));
+            }
+            l.metadata.resource_version = Some(rv);
+        }
+        true
+    }
+
+    /// Someone outside leasekeeper writes the Lease.
+    pub fn outsider_write(&mut self, holder: Option<&str>, duration: i32) {
+        let rv = self.next_rv();
+        let wall = self.wall;
+        let l = self.lease.get_or_insert_with(|| Lease {
+            metadata: ObjectMeta {
+                name: Some(LEASE.into()),
+                namespace: Some(NS.into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec::default()),
+        });
+        l.metadata.resource_version = Some(rv);
+        self.outsider_dirty = true;
+        let s = l.spec.get_or_insert_with(LeaseSpec::default);
+        s.holder_identity = holder.map(str::to_string);
+        s.renew_time = Some(MicroTime(wall));
+        s.lease_duration_seconds = Some(duration);
+    }
+
+    pub fn delete_lease(&mut self) {
+        if self.lease.take().is_some() {
+            self.rv += 1;
+            self.outsider_dirty = true;
+        }
+    }
+
+    /// Advances both clocks, letting healthy holders renew on their schedule.
+    pub fn advance(&mut self, d: Duration) {
+        let target = self.mono + d;
+        loop {
+            let next = self
+                .healthy
+                .values()
+                .map(|h| h.next)
+                .filter(|n| *n <= target)
+                .min();
+            let Some(at) = next else { break };
+            self.step_clock(at.saturating_sub(self.mono));
+            let due: Vec<HolderProc> = self
+                .healthy
+                .values()
+                .filter(|h| h.next <= self.mono)
+                .cloned()
+                .collect();
+            for h in due {
+                self.renew(&h.identity, h.skew_secs);
+                if let Some(p) = self.healthy.get_mut(&h.identity) {
+                    p.next = self.mono + p.every;
+                }
+            }
+        }
+        self.step_clock(target.saturating_sub(self.mono));
+    }
+
+    fn step_clock(&mut self, d: Duration) {
+        self.mono += d;
+        self.wall = self
+            .wall
+            .checked_add(jiff::SignedDuration::try_from(d).unwrap_or_default())
+            .unwrap_or(self.wall);
+    }
+
+    /// Forgets everything in memory, as a restarted (or newly elected) operator would.
+    pub fn restart(&mut self) {
+        self.memory = Memory::default();
+    }
+
+    pub fn plan(&self) -> Plan {
+        let claims: Vec<&LockClaim> = self.claims.values().collect();
+        decide(&Input {
+            lease_name: LEASE,
+            claims: &claims,
+            lease: self.lease.as_ref(),
+            memory: &self.memory,
+            now: self.now(),
+            config: self.config,
+        })
+    }
+
+    /// Decides and applies the whole plan; panics on an invariant violation.
+    pub fn reconcile(&mut self) -> Plan {
+        let plan = self.plan();
+        let snapshot = self.rvs();
+        self.apply(&plan, &snapshot, usize::MAX);
+        plan
+    }
+
+    /// Reconciles until a plan makes no write (at most 10 rounds).
+    pub fn settle(&mut self) {
+        for _ in 0..10 {
+            let plan = self.reconcile();
+            if !plan.steps.iter().any(|s| !matches!(s, Step::Event(_))) {
+                return;
+            }
+        }
+        panic!("did not settle in 10 rounds: {:#?}", self.claims);
+    }
+
+    pub fn rvs(&self) -> HashMap<String, String> {
+        self.claims
+            .iter()
+            .map(|(n, c)| {
+                (
+                    n.clone(),
+                    c.metadata.resource_version.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    /// Applies up to `limit` steps of `plan`, decided when claims had the resourceVersions
+    /// in `snapshot`; stops at the first precondition failure, as the executor does.
+    /// The memory is kept only if every step was applied.
+    pub fn apply(&mut self, plan: &Plan, snapshot: &HashMap<String, String>, limit: usize) -> bool {
+        let mut rvs = snapshot.clone();
+        let mut last_lease_rv: Option<i64> = None;
+        for (i, step) in plan.steps.iter().enumerate() {
+            if i >= limit {
+                return false;
+            }
+            if self.apply_step(step, &mut rvs, &mut last_lease_rv).is_err() {
+                return false;
+            }
+            if let Err(e) = self.check() {
+                panic!(
+                    "invariant violated after step {i} {step:#?}: {e}\nclaims: {:#?}\nlease: {:#?}",
+                    self.claims, self.lease
+                );
+            }
+        }
+        self.memory = plan.memory.clone();
+        if plan.steps.iter().any(|s| {
+            matches!(
+                s,
+                Step::WriteLease {
+                    kind: super::LeaseWriteKind::Create | super::LeaseWriteKind::Grant,
+                    ..
+                }
+            )
+        }) {
+            self.memory.rebase_grant(self.mono);
+        }
+        self.outsider_dirty = false;
+        true
+    }
+
+    fn claim_precondition(
+        &mut self,
+        name: &str,
+        rvs: &HashMap<String, String>,
+    ) -> Result<&mut LockClaim, Conflict> {
+        let c = self.claims.get_mut(name).ok_or(Conflict)?;
+        if rvs.get(name) != c.metadata.resource_version.as_ref() {
+            return Err(Conflict);
+        }
+        Ok(c)
+    }
+
+    fn apply_step(
+        &mut self,
+        step: &Step,
+        rvs: &mut HashMap<String, String>,
+        last_lease_rv: &mut Option<i64>,
+    ) -> Result<(), Conflict> {
+        let next_rv = (self.rv + 1).to_string();
+        match step {
+            Step::Event(n) => {
+                self.notes.push(n.clone());
+                return Ok(());
+            }
+            Step::VerifyLease { resource_version } => {
+                let have = self
+                    .lease
+                    .as_ref()
+                    .and_then(|l| l.metadata.resource_version.clone());
+                return if &have == resource_version {
+                    Ok(())
+                } else {
+                    Err(Conflict)
+                };
+            }
+            Step::AddFinalizer { claim } => {
+                let c = self.claim_precondition(claim, rvs)?;
+                c.metadata
+                    .finalizers
+                    .get_or_insert_with(Vec::new)
+                    .push(FINALIZER.into());
+                c.metadata.resource_version = Some(next_rv.clone());
+                rvs.insert(claim.clone(), next_rv);
+            }
+            Step::SetStatus {
+                claim,
+                status,
+                fill_token,
+            } => {
+                let max_token = self.max_token;
+                let c = self.claim_precondition(claim, rvs)?;
+                let mut st = status.clone();
+                if *fill_token {
+                    st.fencing_token = *last_lease_rv;
+                }
+                let was_granted = c.phase() == Some(Phase::Granted);
+                let newly_granted = st.phase == Some(Phase::Granted) && !was_granted;
+                let token = st.fencing_token.unwrap_or_default();
+                let expired_by_heartbeat = st.phase == Some(Phase::Expired)
+                    && was_granted
+                    && st
+                        .conditions
+                        .iter()
+                        .any(|x| x.reason == super::reason::EXPIRED);
+                let identity = c.identity();
+                c.status = Some(st);
+                c.metadata.resource_version = Some(next_rv.clone());
+                rvs.insert(claim.clone(), next_rv);
+                if newly_granted {
+                    assert!(
+                        token > max_token,
+                        "fencing token {token} not above {max_token}"
+                    );
+                    self.max_token = token;
+                    self.grants += 1;
+                }
+                if expired_by_heartbeat && self.healthy.contains_key(&identity) {
+                    self.violations
+                        .push(format!("healthy holder {identity} was expired"));
+                }
+            }
+            Step::WriteLease { lease, .. } => {
+                let want = lease.metadata.resource_version.clone();
+                let have = self
+                    .lease
+                    .as_ref()
+                    .and_then(|l| l.metadata.resource_version.clone());
+                match (&want, &have) {
+                    (None, None) => {}
+                    (Some(w), Some(h)) if w == h => {}
+                    _ => return Err(Conflict),
+                }
+                let mut l = (**lease).clone();
+                l.metadata.resource_version = Some(next_rv.clone());
+                *last_lease_rv = next_rv.parse().ok();
+                self.lease = Some(l);
+            }
+            Step::DeleteLease { resource_version } => {
+                let have = self
+                    .lease
+                    .as_ref()
+                    .and_then(|l| l.metadata.resource_version.clone());
+                if have.as_ref() != Some(resource_version) {
+                    return Err(Conflict);
+                }
+                self.lease = None;
+            }
+            Step::RemoveFinalizer { claim } => {
+                let c = self.claim_precondition(claim, rvs)?;
+                if let Some(f) = c.metadata.finalizers.as_mut() {
+                    f.retain(|x| x != FINALIZER);
+                }
+                c.metadata.resource_version = Some(next_rv.clone());
+                rvs.insert(claim.clone(), next_rv);
+                if c.metadata.deletion_timestamp.is_some()
+                    && c.metadata.finalizers.as_ref().is_none_or(|f| f.is_empty())
+                {
+                    self.claims.remove(claim);
+                }
+            }
+            Step::DeleteClaim { claim } => {
+                self.delete(claim);
+                self.writes += 1;
+                return Ok(());
+            }
+        }
+        self.rv += 1;
+        self.writes += 1;
+        Ok(())
+    }
+
+    /// The invariants that hold at every observable moment.
+    pub fn check(&self) -> Result<(), String> {
+        let granted: Vec<&LockClaim> = self
+            .claims
+            .values()
+            .filter(|c| c.phase() == Some(Phase::Granted))
+            .collect();
+        if granted.len() > 1 {
+            return Err(format!(
+                "{} claims Granted at once: {:?}",
+                granted.len(),
+                granted
+                    .iter()
+                    .map(|c| c.metadata.name.clone())
+                    .collect::<Vec<_>>()
+            ));
+        }
+        let holder = self
+            .lease
+            .as_ref()
+            .and_then(|l| l.spec.as_ref())
+            .and_then(|s| s.holder_identity.clone());
+        if let Some(g) = granted.first().filter(|_| !self.outsider_dirty) {
+            if holder.as_deref() != Some(g.identity().as_str()) {
+                // Only an outsider's write can make them disagree, and the arbiter
+                // demotes the claim on its next look; a write of ours never does.
+                return Err(format!(
+                    "claim {} Granted but the Lease names {holder:?}",
+                    g.identity()
+                ));
+            }
+        }
+        if let Some(v) = self.violations.first() {
+            return Err(v.clone());
+        }
+        Ok(())
+    }
+
+    /// Once settled: the Lease names the one Granted claim or nobody, and every live
+    /// claim is Granted or Pending with its true queue position.
+    pub fn check_settled(&self) -> Result<(), String> {
+        self.check()?;
+        let holder = self
+            .lease
+            .as_ref()
+            .and_then(|l| l.spec.as_ref())
+            .and_then(|s| s.holder_identity.clone())
+            .filter(|h| !h.is_empty());
+        let granted = self
+            .claims
+            .values()
+            .find(|c| c.phase() == Some(Phase::Granted));
+        let managed = self.lease.as_ref().is_some_and(super::is_managed);
+        if managed && granted.is_none() {
+            if let Some(h) = &holder {
+                if self.claims.values().any(|c| c.identity() == *h) {
+                    return Err(format!("managed Lease names {h} but no claim is Granted"));
+                }
+            }
+        }
+        let mut waiting: Vec<&LockClaim> = self
+            .claims
+            .values()
+            .filter(|c| c.metadata.deletion_timestamp.is_none())
+            .filter(|c| {
+                !c.phase().is_some_and(Phase::is_terminal) && c.phase() != Some(Phase::Granted)
+            })
+            .collect();
+        waiting.sort_by(|a, b| super::queue_cmp(a, b));
+        for (i, c) in waiting.iter().enumerate() {
+            let st = c
+                .status
+                .as_ref()
+                .ok_or_else(|| format!("{:?} has no status", c.metadata.name))?;
+            if st.phase != Some(Phase::Pending) || st.queue_position != Some(i as i32 + 1) {
+                return Err(format!(
+                    "{:?} should be Pending at position {}, is {:?} at {:?}",
+                    c.metadata.name,
+                    i + 1,
+                    st.phase,
+                    st.queue_position
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn phase(&self, name: &str) -> Option<Phase> {
+        self.claims.get(name).and_then(|c| c.phase())
+    }
+
+    pub fn holder(&self) -> Option<String> {
+        self.lease
+            .as_ref()
+            .and_then(|l| l.spec.as_ref())
+            .and_then(|s| s.holder_identity.clone())
+    }
+
+    pub fn status(&self, name: &str) -> crate::api::LockClaimStatus {
+        self.claims
+            .get(name)
+            .and_then(|c| c.status.clone())
+            .unwrap_or_default()
+    }
+}

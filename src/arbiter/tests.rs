@@ -1,0 +1,659 @@
+//! One test per rule of the arbiter, driven through the API model in `sim`.
+
+use std::time::Duration;
+
+use super::sim::{spec, HolderProc, World};
+use super::{reason, Step, Target, CONDITION_FINISHED, LOCK_DELAY_ANNOTATION};
+use crate::api::{Phase, Renewal, CONDITION_GRANTED};
+use crate::{FINALIZER, MANAGED_BY_LABEL};
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn holder_spec(d: i32) -> crate::api::LockClaimSpec {
+    let mut s = spec(d);
+    s.renewal = Renewal::Holder;
+    s
+}
+
+fn reasons(w: &World, target: &str) -> Vec<&'static str> {
+    w.notes
+        .iter()
+        .filter(|n| n.target == Target::Claim(target.into()))
+        .map(|n| n.reason)
+        .collect()
+}
+
+#[test]
+fn a_claim_on_an_absent_lease_creates_it_and_is_granted() {
+    let mut w = World::default();
+    w.create("a", spec(15));
+    w.settle();
+    let lease = w.lease.clone().expect("lease created");
+    let ls = lease.spec.clone().expect("spec");
+    assert_eq!(ls.holder_identity.as_deref(), Some("a"));
+    assert_eq!(ls.lease_duration_seconds, Some(15));
+    assert_eq!(ls.lease_transitions, Some(0));
+    assert!(ls.acquire_time.is_some() && ls.renew_time.is_some());
+    assert_eq!(
+        lease
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(MANAGED_BY_LABEL))
+            .map(String::as_str),
+        Some("leasekeeper")
+    );
+    let st = w.status("a");
+    assert_eq!(st.phase, Some(Phase::Granted));
+    assert_eq!(st.holder_identity.as_deref(), Some("a"));
+    let token = st.fencing_token.expect("token");
+    let lease_rv: i64 = lease
+        .metadata
+        .resource_version
+        .expect("rv")
+        .parse()
+        .expect("int");
+    assert_eq!(
+        token, lease_rv,
+        "the token is the Lease's resourceVersion after the granting write"
+    );
+    assert!(w.claims["a"]
+        .metadata
+        .finalizers
+        .as_ref()
+        .is_some_and(|f| f.contains(&FINALIZER.to_string())));
+    assert_eq!(
+        w.claims["a"]
+            .condition(CONDITION_GRANTED)
+            .map(|c| c.status.as_str()),
+        Some("True")
+    );
+    assert!(reasons(&w, "a").contains(&reason::GRANTED));
+}
+
+#[test]
+fn the_finalizer_is_added_before_the_lease_is_written() {
+    let mut w = World::default();
+    w.create("a", spec(15));
+    let plan = w.plan();
+    let fin = plan
+        .steps
+        .iter()
+        .position(|s| matches!(s, Step::AddFinalizer { .. }));
+    let write = plan
+        .steps
+        .iter()
+        .position(|s| matches!(s, Step::WriteLease { .. }));
+    assert!(fin.expect("finalizer") < write.expect("lease write"));
+}
+
+#[test]
+fn waiting_claims_get_queue_positions_priority_first_then_age() {
+    let mut w = World::default();
+    w.create("holder", spec(15));
+    w.settle();
+    w.advance(secs(1));
+    w.create("b", spec(15));
+    w.advance(secs(1));
+    w.create("c", spec(15));
+    w.advance(secs(1));
+    let mut high = spec(15);
+    high.priority = 10;
+    w.create("d-high", high);
+    w.settle();
+    assert_eq!(w.status("d-high").queue_position, Some(1));
+    assert_eq!(w.status("b").queue_position, Some(2));
+    assert_eq!(w.status("c").queue_position, Some(3));
+    for n in ["b", "c", "d-high"] {
+        let st = w.status(n);
+        assert_eq!(st.phase, Some(Phase::Pending));
+        assert_eq!(st.holder_identity.as_deref(), Some("holder"));
+        assert_eq!(
+            w.claims[n]
+                .condition(CONDITION_GRANTED)
+                .map(|c| c.reason.as_str()),
+            Some(reason::QUEUED)
+        );
+        assert!(reasons(&w, n).contains(&reason::QUEUED));
+    }
+    w.check_settled().expect("settled");
+}
+
+#[test]
+fn equal_priority_and_same_second_ties_go_by_name() {
+    let mut w = World::default();
+    w.create("holder", spec(15));
+    w.settle();
+    w.create("zz", spec(15));
+    w.create("aa", spec(15));
+    w.settle();
+    assert_eq!(w.status("aa").queue_position, Some(1));
+    assert_eq!(w.status("zz").queue_position, Some(2));
+}
+
+#[test]
+fn delete_hands_the_lease_straight_to_the_next_claim() {
+    let mut w = World::default();
+    w.create("a", spec(15));
+    w.settle();
+    w.advance(secs(1));
+    w.create("b", spec(15));
+    w.create("c", spec(15));
+    w.settle();
+    let t1 = w.status("a").fencing_token.expect("token");
+    w.delete("a");
+    w.settle();
+    assert!(
+        !w.claims.contains_key("a"),
+        "the finalizer was removed and the claim is gone"
+    );
+    assert_eq!(w.phase("b"), Some(Phase::Granted));
+    assert!(w.status("b").fencing_token.expect("token") > t1);
+    assert_eq!(w.holder().as_deref(), Some("b"));
+    assert_eq!(
+        w.lease
+            .as_ref()
+            .and_then(|l| l.spec.as_ref())
+            .and_then(|s| s.lease_transitions),
+        Some(1)
+    );
+    assert_eq!(w.status("c").queue_position, Some(1));
+}
+
+#[test]
+fn release_true_marks_released_then_the_next_claim_is_granted_in_that_order() {
+    let mut w = World::default();
+    w.create("a", spec(15));
+    w.settle();
+    w.create("b", spec(15));
+    w.settle();
+    w.release("a");
+    let plan = w.plan();
+    let pos =
+        |pred: &dyn Fn(&Step) -> bool| plan.steps.iter().position(pred).expect("step present");
+    let demote = pos(&|s| matches!(s, Step::SetStatus { claim, .. } if claim == "a"));
+    let write = pos(&|s| matches!(s, Step::WriteLease { .. }));
+    let grant =
+        pos(&|s| matches!(s, Step::SetStatus { claim, fill_token: true, .. } if claim == "b"));
+    assert!(
+        demote < write && write < grant,
+        "old not Granted -> Lease -> new Granted"
+    );
+    w.settle();
+    assert_eq!(w.phase("a"), Some(Phase::Released));
+    assert_eq!(w.phase("b"), Some(Phase::Granted));
+    assert_eq!(
+        w.claims["a"]
+            .condition(CONDITION_FINISHED)
+            .map(|c| c.status.as_str()),
+        Some("True")
+    );
+    assert!(reasons(&w, "a").contains(&reason::RELEASED));
+}
+
+#[test]
+fn release_with_nobody_waiting_clears_the_lease() {
+    let mut w = World::default();
+    w.create("a", spec(15));
+    w.settle();
+    w.release("a");
+    w.settle();
+    assert_eq!(w.holder(), None);
+    w.check_settled().expect("settled");
+}
+
+#[test]
+fn a_holder_that_renews_stays_granted_and_one_that_stops_expires_after_the_duration() {
+    let mut w = World::default();
+    w.create("a", holder_spec(10));
+    w.settle();
+    w.create("b", holder_spec(10));
+    w.settle();
+    for _ in 0..10 {
+        w.advance(secs(3));
+        w.renew("a", 0);
+        w.settle();
+        assert_eq!(w.phase("a"), Some(Phase::Granted));
+    }
+    // Renewals stop now.
+    w.advance(secs(9));
+    w.settle();
+    assert_eq!(
+        w.phase("a"),
+        Some(Phase::Granted),
+        "not expired before leaseDurationSeconds"
+    );
+    w.advance(secs(1));
+    let plan = w.reconcile();
+    w.settle();
+    assert_eq!(w.phase("a"), Some(Phase::Expired));
+    assert_eq!(w.phase("b"), Some(Phase::Granted));
+    assert!(plan
+        .outcomes
+        .contains(&super::Outcome::Expired(reason::EXPIRED)));
+    assert!(w.status("a").expire_time.is_some());
+}
+
+#[test]
+fn expiry_is_scheduled_for_the_instant_it_falls_due() {
+    let mut w = World::default();
+    w.create("a", holder_spec(10));
+    w.settle();
+    w.advance(secs(4));
+    w.renew("a", 0);
+    let plan = w.reconcile();
+    assert_eq!(
+        plan.requeue_after,
+        Some(secs(10)),
+        "due one full duration after the renewal was observed"
+    );
+}
+
+#[test]
+fn lock_delay_keeps_the_lease_unassigned_after_an_expiry() {
+    let mut w = World::default();
+    let mut s = holder_spec(5);
+    s.lock_delay_seconds = 7;
+    w.create("a", s);
+    w.settle();
+    w.create("b", holder_spec(5));
+    w.settle();
+    w.advance(secs(5));
+    w.settle();
+    assert_eq!(w.phase("a"), Some(Phase::Expired));
+    assert_eq!(w.phase("b"), Some(Phase::Pending));
+    assert_eq!(w.holder(), None);
+    let ann = w
+        .lease
+        .as_ref()
+        .and_then(|l| l.metadata.annotations.as_ref())
+        .and_then(|a| a.get(LOCK_DELAY_ANNOTATION).cloned());
+    assert!(
+        ann.is_some(),
+        "the delay survives a restart through the Lease annotation"
+    );
+    assert_eq!(
+        w.claims["b"]
+            .condition(CONDITION_GRANTED)
+            .map(|c| c.reason.clone())
+            .as_deref(),
+        Some(reason::LOCK_DELAY)
+    );
+    w.restart();
+    w.advance(secs(6));
+    w.settle();
+    assert_eq!(
+        w.phase("b"),
+        Some(Phase::Pending),
+        "still inside the 7 s delay"
+    );
+    w.advance(secs(1));
+    w.settle();
+    assert_eq!(w.phase("b"), Some(Phase::Granted));
+}
+
+#[test]
+fn a_clean_release_has_no_lock_delay() {
+    let mut w = World::default();
+    let mut s = spec(5);
+    s.lock_delay_seconds = 30;
+    w.create("a", s);
+    w.settle();
+    w.create("b", spec(5));
+    w.settle();
+    w.release("a");
+    w.settle();
+    assert_eq!(w.phase("b"), Some(Phase::Granted));
+}
+
+#[test]
+fn controller_renewal_refreshes_the_lease_every_third_of_the_duration() {
+    let mut w = World::default();
+    w.create("a", spec(15));
+    w.settle();
+    let renew_time = |w: &World| {
+        w.lease
+            .as_ref()
+            .and_then(|l| l.spec.as_ref())
+            .and_then(|s| s.renew_time.clone())
+    };
+    let first = renew_time(&w);
+    w.advance(secs(4));
+    w.settle();
+    assert_eq!(renew_time(&w), first, "not before a third of the duration");
+    w.advance(secs(1));
+    let plan = w.reconcile();
+    assert!(plan.steps.iter().any(|s| matches!(
+        s,
+        Step::WriteLease {
+            kind: super::LeaseWriteKind::Renew,
+            ..
+        }
+    )));
+    assert_ne!(renew_time(&w), first);
+    for _ in 0..40 {
+        w.advance(secs(5));
+        w.settle();
+    }
+    assert_eq!(
+        w.phase("a"),
+        Some(Phase::Granted),
+        "a Controller claim lasts while it exists"
+    );
+}
+
+#[test]
+fn max_hold_ends_a_grant_as_expired() {
+    let mut w = World::default();
+    let mut s = spec(15);
+    s.max_hold_seconds = Some(20);
+    w.create("a", s);
+    w.settle();
+    w.advance(secs(19));
+    w.settle();
+    assert_eq!(w.phase("a"), Some(Phase::Granted));
+    w.advance(secs(1));
+    w.settle();
+    assert_eq!(w.phase("a"), Some(Phase::Expired));
+    assert_eq!(
+        w.claims["a"]
+            .condition(CONDITION_GRANTED)
+            .map(|c| c.reason.clone())
+            .as_deref(),
+        Some(reason::MAX_HOLD_EXCEEDED)
+    );
+}
+
+#[test]
+fn clock_skew_of_the_holder_never_expires_a_holder_that_renews() {
+    for skew in [-600, 600] {
+        let mut w = World::default();
+        w.create("a", holder_spec(10));
+        w.settle();
+        w.healthy.insert(
+            "a".into(),
+            HolderProc {
+                identity: "a".into(),
+                every: secs(3),
+                skew_secs: skew,
+                next: w.mono + secs(3),
+            },
+        );
+        for i in 0..30 {
+            w.advance(secs(2));
+            if i % 7 == 3 {
+                w.restart();
+            }
+            w.settle();
+            assert_eq!(w.phase("a"), Some(Phase::Granted), "skew {skew}, round {i}");
+        }
+    }
+}
+
+#[test]
+fn after_a_restart_a_dead_holder_gets_a_bounded_grace() {
+    let mut w = World::default();
+    w.create("a", holder_spec(10));
+    w.settle();
+    w.create("b", holder_spec(10));
+    w.settle();
+    w.advance(secs(8));
+    w.restart();
+    w.settle();
+    // The Lease's renewTime is 8 s old: grace = max(10 - 8, 10 / 2) = 5 s.
+    w.advance(Duration::from_millis(4900));
+    w.settle();
+    assert_eq!(w.phase("a"), Some(Phase::Granted));
+    w.advance(Duration::from_millis(100));
+    w.settle();
+    assert_eq!(w.phase("a"), Some(Phase::Expired));
+    assert_eq!(w.phase("b"), Some(Phase::Granted));
+}
+
+#[test]
+fn after_a_restart_a_fresh_lease_gets_a_full_duration() {
+    let mut w = World::default();
+    w.create("a", holder_spec(10));
+    w.settle();
+    w.advance(secs(1));
+    w.renew("a", 0);
+    w.restart();
+    w.settle();
+    w.advance(Duration::from_millis(9900));
+    w.settle();
+    assert_eq!(w.phase("a"), Some(Phase::Granted));
+    w.advance(Duration::from_millis(100));
+    w.settle();
+    assert_eq!(w.phase("a"), Some(Phase::Expired));
+}
+
+#[test]
+fn an_outsiders_lease_is_respected_while_renewed_then_taken_over() {
+    let mut w = World::default();
+    w.outsider_write(Some("someone-else"), 6);
+    w.create("a", spec(15));
+    w.settle();
+    assert_eq!(w.phase("a"), Some(Phase::Pending));
+    assert_eq!(
+        w.claims["a"]
+            .condition(CONDITION_GRANTED)
+            .map(|c| c.reason.clone())
+            .as_deref(),
+        Some(reason::HELD_EXTERNALLY)
+    );
+    assert_eq!(
+        w.status("a").holder_identity.as_deref(),
+        Some("someone-else")
+    );
+    for _ in 0..5 {
+        w.advance(secs(4));
+        w.outsider_write(Some("someone-else"), 6);
+        w.settle();
+        assert_eq!(w.phase("a"), Some(Phase::Pending));
+    }
+    w.advance(secs(6));
+    w.settle();
+    assert_eq!(w.phase("a"), Some(Phase::Granted));
+    assert!(reasons(&w, "a").contains(&reason::TAKEN_OVER));
+    assert!(w
+        .notes
+        .iter()
+        .any(|n| n.target == Target::Lease && n.reason == reason::TAKEN_OVER));
+    let lease = w.lease.as_ref().expect("lease");
+    assert!(
+        !super::is_managed(lease),
+        "an outsider's Lease is not labelled as ours"
+    );
+}
+
+#[test]
+fn a_duplicate_identity_is_rejected_and_the_older_claim_kept() {
+    let mut w = World::default();
+    let mut s = spec(15);
+    s.holder_identity = Some("worker".into());
+    w.create("first", s.clone());
+    w.advance(secs(1));
+    w.create("second", s);
+    w.settle();
+    assert_eq!(w.phase("first"), Some(Phase::Granted));
+    assert_eq!(w.phase("second"), Some(Phase::Rejected));
+    assert_eq!(
+        w.claims["second"]
+            .condition(CONDITION_GRANTED)
+            .map(|c| c.reason.clone())
+            .as_deref(),
+        Some(reason::DUPLICATE_IDENTITY)
+    );
+}
+
+#[test]
+fn an_unused_managed_lease_is_garbage_collected_and_tokens_keep_rising() {
+    let mut w = World::default();
+    w.create("a", spec(15));
+    w.settle();
+    let t1 = w.status("a").fencing_token.expect("token");
+    w.delete("a");
+    w.settle();
+    assert!(w.lease.is_some());
+    w.advance(secs(59));
+    w.settle();
+    assert!(w.lease.is_some(), "not before the grace period");
+    w.advance(secs(1));
+    let plan = w.reconcile();
+    assert!(w.lease.is_none(), "deleted after the grace period");
+    assert!(plan
+        .steps
+        .iter()
+        .any(|s| matches!(s, Step::Event(n) if n.reason == reason::LEASE_GARBAGE_COLLECTED)));
+    w.create("b", spec(15));
+    w.settle();
+    assert!(w.status("b").fencing_token.expect("token") > t1);
+}
+
+#[test]
+fn a_lease_we_did_not_create_is_never_garbage_collected() {
+    let mut w = World::default();
+    w.outsider_write(None, 15);
+    w.advance(secs(3600));
+    w.settle();
+    assert!(w.lease.is_some());
+}
+
+#[test]
+fn finished_claims_are_deleted_after_their_ttl() {
+    let mut w = World::default();
+    let mut s = spec(15);
+    s.ttl_seconds_after_finished = Some(30);
+    w.create("a", s);
+    w.settle();
+    w.release("a");
+    w.settle();
+    w.advance(secs(29));
+    w.settle();
+    assert!(w.claims.contains_key("a"));
+    w.advance(secs(1));
+    w.settle();
+    assert!(!w.claims.contains_key("a"));
+}
+
+#[test]
+fn a_claim_deleted_or_released_while_waiting_is_never_granted() {
+    let mut w = World::default();
+    w.create("a", spec(15));
+    w.settle();
+    w.create("b", spec(15));
+    w.create("c", spec(15));
+    w.settle();
+    w.delete("b");
+    w.release("c");
+    w.release("a");
+    w.settle();
+    assert!(!w.claims.contains_key("b"));
+    assert_eq!(w.phase("c"), Some(Phase::Released));
+    assert_eq!(w.holder(), None);
+    assert!(!reasons(&w, "b").contains(&reason::GRANTED));
+    assert!(!reasons(&w, "c").contains(&reason::GRANTED));
+}
+
+#[test]
+fn last_transition_time_moves_only_when_the_status_flips() {
+    let mut w = World::default();
+    w.create("a", spec(15));
+    w.settle();
+    w.create("b", spec(15));
+    w.settle();
+    let ltt = |w: &World| {
+        w.claims["b"]
+            .condition(CONDITION_GRANTED)
+            .map(|c| c.last_transition_time.clone())
+    };
+    let before = ltt(&w);
+    w.advance(secs(5));
+    let mut hi = spec(15);
+    hi.priority = 5;
+    w.create("c", hi);
+    w.settle();
+    assert_eq!(w.status("b").queue_position, Some(2));
+    assert_eq!(ltt(&w), before, "position changed, Granted stayed False");
+    w.advance(secs(5));
+    w.release("a");
+    w.release("c");
+    w.settle();
+    assert_eq!(w.phase("b"), Some(Phase::Granted));
+    assert_ne!(ltt(&w), before, "flipped to True");
+    let c = w.claims["b"]
+        .condition(CONDITION_GRANTED)
+        .cloned()
+        .expect("condition");
+    assert_eq!(c.observed_generation, Some(1));
+    assert_eq!(w.status("b").observed_generation, Some(1));
+}
+
+#[test]
+fn a_lease_deleted_while_held_is_reported_and_regranted() {
+    let mut w = World::default();
+    w.create("a", spec(15));
+    w.settle();
+    w.create("b", spec(15));
+    w.settle();
+    w.delete_lease();
+    w.settle();
+    assert_eq!(w.phase("a"), Some(Phase::Expired));
+    assert_eq!(
+        w.claims["a"]
+            .condition(CONDITION_GRANTED)
+            .map(|c| c.reason.clone())
+            .as_deref(),
+        Some(reason::LEASE_LOST)
+    );
+    assert!(w
+        .notes
+        .iter()
+        .any(|n| n.warning && n.target == Target::Claim("a".into())));
+    assert_eq!(w.phase("b"), Some(Phase::Granted));
+}
+
+#[test]
+fn a_grant_interrupted_after_the_lease_write_is_completed() {
+    let mut w = World::default();
+    w.create("a", spec(15));
+    let plan = w.plan();
+    let snap = w.rvs();
+    let write = plan
+        .steps
+        .iter()
+        .position(|s| matches!(s, Step::WriteLease { .. }))
+        .expect("write");
+    assert!(
+        !w.apply(&plan, &snap, write + 1),
+        "crash right after the Lease write"
+    );
+    assert_eq!(w.holder().as_deref(), Some("a"));
+    assert_eq!(w.phase("a"), None);
+    w.restart();
+    w.settle();
+    assert_eq!(w.phase("a"), Some(Phase::Granted));
+    assert!(w.status("a").fencing_token.is_some());
+}
+
+#[test]
+fn a_plan_decided_from_a_stale_lease_is_refused_by_the_precondition() {
+    let mut w = World::default();
+    w.create("a", holder_spec(15));
+    w.settle();
+    w.create("b", holder_spec(15));
+    w.settle();
+    w.advance(secs(15));
+    let plan = w.plan(); // decides to expire a
+    let snap = w.rvs();
+    w.renew("a", 0); // ...but a renews first
+    w.apply(&plan, &snap, usize::MAX);
+    assert_eq!(
+        w.holder().as_deref(),
+        Some("a"),
+        "the stale Lease write was refused"
+    );
+    w.check().expect("invariants");
+}
