@@ -41,7 +41,7 @@ run: plane-build
 ## Everything: unit + property tests, then e2e tests on a real control plane.
 ## KEEP_PLANE=1 leaves the control plane running for the next run.
 test: plane-up
-	PROPTEST_CASES=$(PROPTEST_CASES) $(CARGO) test --locked --all-targets -- --nocapture 2>&1 | tee target/test.log; \
+	PROPTEST_CASES=$(PROPTEST_CASES) $(CARGO) test --locked --all-targets -- --nocapture --test-threads=16 2>&1 | tee target/test.log; \
 	  rc=$${PIPESTATUS[0]}; \
 	  [ -n "$(KEEP_PLANE)" ] || $(PLANE) down $(E2E_PLANE); \
 	  exit $$rc

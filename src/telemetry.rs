@@ -59,8 +59,10 @@ pub fn init_logging(format: LogFormat, level: &str) -> Result<(), TelemetryError
         filter: filter_text.clone(),
         source,
     })?;
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),

@@ -1,17 +1,30 @@
 //! kube-runtime wiring: watches, the per-Lease work queue, and the reconcile that reads
 //! state, asks the [`crate::arbiter`] and performs its decisions in the safe order.
 
+mod execute;
+pub mod queue;
+
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::wait::{await_condition, conditions};
-use kube::{Api, Client, CustomResourceExt};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, CustomResourceExt, ResourceExt};
+use tokio::time::Instant;
+
+pub use execute::Error;
 
 use crate::api::LockClaim;
-use crate::telemetry::{self, Metrics, Readiness};
-
+use crate::arbiter::{self, Memory, Outcome};
+use crate::telemetry::{self, Metrics, NamespaceLabel, Readiness, ReasonLabel};
+use queue::WorkQueue;
 /// Errors that stop the operator process.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -32,6 +45,9 @@ pub enum RunError {
     /// The probe server could not start.
     #[error(transparent)]
     Telemetry(#[from] telemetry::TelemetryError),
+    /// A watch stream ended, which only happens when the process is stopping.
+    #[error("the {0} watch ended")]
+    WatchEnded(&'static str),
 }
 
 /// Flags of `leasekeeper run`.
@@ -49,6 +65,86 @@ pub struct RunConfig {
     /// How long to wait for the LockClaim CRD to be Established before giving up.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub crd_wait: Duration,
+    /// Reconciles of different Leases that may run at once.
+    #[arg(long, env = "LEASEKEEPER_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: usize,
+    /// Name of this replica, for Events and leader election (default: the host name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+}
+
+impl RunConfig {
+    /// A configuration for running the controller in-process (tests, benchmarks).
+    pub fn for_namespace(namespace: Option<String>) -> Self {
+        RunConfig {
+            watch_namespace: namespace,
+            gc_grace: Duration::from_secs(300),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            crd_wait: Duration::from_secs(60),
+            concurrency: 16,
+            identity: None,
+        }
+    }
+
+    fn identity(&self) -> String {
+        self.identity.clone().unwrap_or_else(|| {
+            std::env::var("HOSTNAME")
+                .unwrap_or_else(|_| format!("leasekeeper-{}", std::process::id()))
+        })
+    }
+}
+
+/// The key of one arbitration: a Lease name in a namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseKey {
+    /// Namespace of the claims and the Lease.
+    pub namespace: String,
+    /// The Lease name.
+    pub name: String,
+}
+
+/// What this process keeps per Lease between reconciles.
+#[derive(Default)]
+struct KeyState {
+    memory: Memory,
+    /// resourceVersions our last writes produced: a cache older than these is stale.
+    lease_rv: Option<u64>,
+    claim_rvs: HashMap<String, u64>,
+    failures: u32,
+    waiting: usize,
+}
+
+/// Shared state of the controller.
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Event recorder.
+    pub recorder: Recorder,
+    claims: Store<LockClaim>,
+    leases: Store<Lease>,
+    /// Claim names per Lease key (leaseName is immutable, so this only grows and shrinks).
+    index: Mutex<HashMap<LeaseKey, HashSet<String>>>,
+    keys: Mutex<HashMap<LeaseKey, KeyState>>,
+    queue: WorkQueue<LeaseKey>,
+    config: arbiter::Config,
+    origin: Instant,
+}
+
+impl Context {
+    /// Monotonic time since the controller started.
+    pub fn mono(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    fn keys(&self) -> std::sync::MutexGuard<'_, HashMap<LeaseKey, KeyState>> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, HashMap<LeaseKey, HashSet<String>>> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Runs the operator until it fails or receives SIGINT/SIGTERM.
@@ -59,14 +155,339 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     let _probes =
         telemetry::serve_probes(cfg.metrics_addr, metrics.clone(), readiness.clone()).await?;
     wait_for_crd(client.clone(), cfg.crd_wait).await?;
-    readiness.set(true);
     tracing::info!(
         namespace = cfg.watch_namespace.as_deref().unwrap_or("*"),
         "connected; LockClaim CRD established"
     );
-    shutdown_signal().await;
-    tracing::info!("shutting down");
-    Ok(())
+    metrics.leader.set(1);
+    tokio::select! {
+        res = controller(client, cfg, metrics, readiness) => res,
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+    }
+}
+
+/// The controller proper: watches, dispatcher and reconciles. Runs until a watch ends
+/// (never, in practice) or the future is dropped.
+pub async fn controller(
+    client: Client,
+    cfg: RunConfig,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+) -> Result<(), RunError> {
+    let (claim_api, lease_api): (Api<LockClaim>, Api<Lease>) = match cfg.watch_namespace.as_deref()
+    {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let (claims, claim_writer) = reflector::store();
+    let (leases, lease_writer) = reflector::store();
+    let reporter = Reporter {
+        controller: crate::MANAGER.into(),
+        instance: Some(cfg.identity()),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        metrics,
+        claims,
+        leases,
+        index: Mutex::default(),
+        keys: Mutex::default(),
+        queue: WorkQueue::default(),
+        config: arbiter::Config {
+            gc_grace: cfg.gc_grace,
+        },
+        origin: Instant::now(),
+    });
+
+    let c = ctx.clone();
+    let claim_watch =
+        reflector::reflector(claim_writer, watcher(claim_api, watcher::Config::default()))
+            .default_backoff()
+            .for_each(move |ev| {
+                match ev {
+                    Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                        claim_seen(&c, &o, false)
+                    }
+                    Ok(watcher::Event::Delete(o)) => claim_seen(&c, &o, true),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "LockClaim watch error; retrying"),
+                }
+                futures::future::ready(())
+            });
+    let c = ctx.clone();
+    let lease_watch =
+        reflector::reflector(lease_writer, watcher(lease_api, watcher::Config::default()))
+            .default_backoff()
+            .for_each(move |ev| {
+                match ev {
+                    Ok(
+                        watcher::Event::Apply(o)
+                        | watcher::Event::InitApply(o)
+                        | watcher::Event::Delete(o),
+                    ) => lease_seen(&c, &o),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "Lease watch error; retrying"),
+                }
+                futures::future::ready(())
+            });
+
+    let c = ctx.clone();
+    let dispatcher = async move {
+        let (a, b) = tokio::join!(c.claims.wait_until_ready(), c.leases.wait_until_ready());
+        if a.is_err() || b.is_err() {
+            return;
+        }
+        readiness.set(true);
+        tracing::info!("caches synced; reconciling");
+        let permits = Arc::new(tokio::sync::Semaphore::new(cfg.concurrency.max(1)));
+        loop {
+            let key = c.queue.next().await;
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let c = c.clone();
+            tokio::spawn(async move {
+                reconcile_key(&c, &key).await;
+                c.queue.done(&key);
+                drop(permit);
+            });
+        }
+    };
+    tokio::select! {
+        _ = claim_watch => Err(RunError::WatchEnded("LockClaim")),
+        _ = lease_watch => Err(RunError::WatchEnded("Lease")),
+        _ = dispatcher => Err(RunError::WatchEnded("cache")),
+    }
+}
+
+fn claim_seen(ctx: &Context, claim: &LockClaim, deleted: bool) {
+    let Some(namespace) = claim.namespace() else {
+        return;
+    };
+    let key = LeaseKey {
+        namespace,
+        name: claim.spec.lease_name.clone(),
+    };
+    {
+        let mut index = ctx.index();
+        let names = index.entry(key.clone()).or_default();
+        if deleted {
+            names.remove(&claim.name_any());
+        } else {
+            names.insert(claim.name_any());
+        }
+    }
+    ctx.queue.now(key);
+}
+
+fn lease_seen(ctx: &Context, lease: &Lease) {
+    let Some(namespace) = lease.namespace() else {
+        return;
+    };
+    let key = LeaseKey {
+        namespace,
+        name: lease.name_any(),
+    };
+    // Leases nobody claims and we did not create (node heartbeats, other controllers'
+    // leader election) are not our business.
+    let relevant = arbiter::is_managed(lease)
+        || ctx.index().get(&key).is_some_and(|n| !n.is_empty())
+        || ctx.keys().contains_key(&key);
+    if relevant {
+        ctx.queue.now(key);
+    }
+}
+
+/// Backoff after failures: conflicts retry fast (the cache usually just lags).
+fn backoff(failures: u32, conflict: bool) -> Duration {
+    let base = if conflict { 20 } else { 200 };
+    let cap = if conflict { 2_000 } else { 30_000 };
+    Duration::from_millis((base << failures.min(10)).min(cap))
+}
+
+async fn reconcile_key(ctx: &Arc<Context>, key: &LeaseKey) {
+    ctx.metrics.reconciles.inc();
+    let started = ctx.mono();
+    let next = match reconcile(ctx, key).await {
+        Ok(next) => {
+            if let Some(s) = ctx.keys().get_mut(key) {
+                s.failures = 0;
+            }
+            next
+        }
+        Err(e) => {
+            let failures = {
+                let mut keys = ctx.keys();
+                let s = keys.entry(key.clone()).or_default();
+                s.failures = s.failures.saturating_add(1);
+                s.failures
+            };
+            ctx.metrics
+                .reconcile_errors
+                .get_or_create(&ReasonLabel {
+                    reason: e.reason().to_string(),
+                })
+                .inc();
+            if e.is_conflict() {
+                tracing::debug!(namespace = %key.namespace, lease = %key.name, error = %e, "conflict; re-reading");
+            } else {
+                tracing::warn!(namespace = %key.namespace, lease = %key.name, error = %e, reason = e.reason(), "reconcile failed; backing off");
+            }
+            Some(backoff(failures - 1, e.is_conflict()))
+        }
+    };
+    tracing::trace!(namespace = %key.namespace, lease = %key.name, took_us = (ctx.mono() - started).as_micros() as u64, "reconciled");
+    if let Some(after) = next {
+        ctx.queue.schedule(key.clone(), Instant::now() + after);
+    }
+}
+
+/// Reads the state of one Lease key, decides, and writes. Returns when to look again.
+async fn reconcile(ctx: &Arc<Context>, key: &LeaseKey) -> Result<Option<Duration>, Error> {
+    let names: Vec<String> = ctx
+        .index()
+        .get(key)
+        .map(|n| n.iter().cloned().collect())
+        .unwrap_or_default();
+    let claims: Vec<Arc<LockClaim>> = names
+        .iter()
+        .filter_map(|n| ctx.claims.get(&ObjectRef::new(n).within(&key.namespace)))
+        .filter(|c| c.spec.lease_name == key.name)
+        .collect();
+    let lease = ctx
+        .leases
+        .get(&ObjectRef::new(&key.name).within(&key.namespace));
+
+    // A cache older than our own last writes would only produce refused writes: wait
+    // for the watch to deliver them (it triggers this key again).
+    let (memory, stale) = {
+        let keys = ctx.keys();
+        let state = keys.get(key);
+        let rv = |o: Option<String>| o.and_then(|v| v.parse::<u64>().ok());
+        let stale = state.is_some_and(|s| {
+            let lease_behind = s.lease_rv.is_some_and(|w| {
+                rv(lease.as_ref().and_then(|l| l.resource_version())).is_some_and(|r| r < w)
+            });
+            let claim_behind = claims.iter().any(|c| {
+                s.claim_rvs
+                    .get(&c.name_any())
+                    .is_some_and(|w| rv(c.resource_version()).is_some_and(|r| r < *w))
+            });
+            lease_behind || claim_behind
+        });
+        (state.map(|s| s.memory.clone()).unwrap_or_default(), stale)
+    };
+    if stale {
+        return Ok(Some(Duration::from_secs(1)));
+    }
+
+    let now = arbiter::Now {
+        wall: jiff::Timestamp::now(),
+        mono: ctx.mono(),
+    };
+    let refs: Vec<&LockClaim> = claims.iter().map(|c| c.as_ref()).collect();
+    let plan = arbiter::decide(&arbiter::Input {
+        lease_name: &key.name,
+        claims: &refs,
+        lease: lease.as_deref(),
+        memory: &memory,
+        now,
+        config: ctx.config,
+    });
+
+    let written = if plan.steps.is_empty() {
+        execute::Written::default()
+    } else {
+        execute::execute(ctx, key, &plan, &claims, lease.as_deref()).await?
+    };
+    record(ctx, key, &plan);
+
+    let mut keys = ctx.keys();
+    let forget = !plan.has_live_claims
+        && (written.lease_deleted || lease.as_ref().is_none_or(|l| !arbiter::is_managed(l)));
+    if forget {
+        if let Some(s) = keys.remove(key) {
+            adjust_queue_depth(ctx, key, s.waiting, 0);
+        }
+        drop(keys);
+        let mut index = ctx.index();
+        if index.get(key).is_some_and(HashSet::is_empty) {
+            index.remove(key);
+        }
+        return Ok(plan.requeue_after);
+    }
+    let state = keys.entry(key.clone()).or_default();
+    state.memory = plan.memory.clone();
+    if let Some(at) = written.granted_at {
+        state.memory.rebase_grant(at);
+    }
+    if written.lease.is_some() || written.lease_deleted {
+        state.lease_rv = written.lease;
+    }
+    state
+        .claim_rvs
+        .retain(|n, _| claims.iter().any(|c| c.name_any() == *n));
+    state.claim_rvs.extend(written.claims);
+    let before = std::mem::replace(&mut state.waiting, plan.waiting);
+    drop(keys);
+    adjust_queue_depth(ctx, key, before, plan.waiting);
+    Ok(plan.requeue_after)
+}
+
+fn adjust_queue_depth(ctx: &Context, key: &LeaseKey, before: usize, after: usize) {
+    if before != after {
+        let g = ctx.metrics.queue_depth.get_or_create(&NamespaceLabel {
+            namespace: key.namespace.clone(),
+        });
+        g.inc_by(after as i64 - before as i64);
+    }
+}
+
+fn record(ctx: &Context, key: &LeaseKey, plan: &arbiter::Plan) {
+    let m = &ctx.metrics;
+    for o in &plan.outcomes {
+        match o {
+            Outcome::Granted {
+                waited,
+                handoff,
+                transition,
+            } => {
+                m.grants.inc();
+                if let Some(w) = waited {
+                    m.grant_latency.observe(w.as_secs_f64());
+                }
+                if let Some(h) = handoff {
+                    m.handoff_latency.observe(h.as_secs_f64());
+                }
+                if *transition {
+                    m.lease_transitions.inc();
+                }
+                tracing::info!(namespace = %key.namespace, lease = %key.name, "granted");
+            }
+            Outcome::Released => {
+                m.releases.inc();
+            }
+            Outcome::Expired(r) => {
+                m.expiries
+                    .get_or_create(&ReasonLabel {
+                        reason: (*r).to_string(),
+                    })
+                    .inc();
+                tracing::info!(namespace = %key.namespace, lease = %key.name, reason = r, "grant expired");
+            }
+            Outcome::GarbageCollected => {
+                m.gc_deleted.inc();
+                tracing::info!(namespace = %key.namespace, lease = %key.name, "garbage-collected Lease");
+            }
+        }
+    }
 }
 
 /// Waits until the LockClaim CRD is Established (instead of crash-looping before it is).

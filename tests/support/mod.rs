@@ -170,3 +170,317 @@ where
         }
     }
 }
+
+/// An in-process operator watching one namespace; stopped (aborted) on drop.
+pub struct Operator {
+    task: tokio::task::JoinHandle<()>,
+    /// Its metrics.
+    pub metrics: std::sync::Arc<leasekeeper::telemetry::Metrics>,
+}
+
+impl Operator {
+    /// Starts the controller for `ns` with the given GC grace and waits for its caches.
+    pub async fn start(client: &Client, ns: &str, gc_grace: Duration) -> Operator {
+        let mut cfg = leasekeeper::controller::RunConfig::for_namespace(Some(ns.to_string()));
+        cfg.gc_grace = gc_grace;
+        cfg.identity = Some(format!("e2e-{ns}"));
+        let metrics = std::sync::Arc::new(leasekeeper::telemetry::Metrics::new());
+        let ready = std::sync::Arc::new(leasekeeper::telemetry::Readiness::default());
+        let task = tokio::spawn({
+            let (client, metrics, ready) = (client.clone(), metrics.clone(), ready.clone());
+            async move {
+                if let Err(e) =
+                    leasekeeper::controller::controller(client, cfg, metrics, ready).await
+                {
+                    eprintln!("operator stopped: {e}");
+                }
+            }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !ready.get() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "operator caches did not sync"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Operator { task, metrics }
+    }
+
+    /// Stops the operator (like a crash: nothing is cleaned up).
+    pub async fn stop(mut self) {
+        self.task.abort();
+        let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
+        let _ = task.await;
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A LockClaim spec with defaults, for `lease`.
+pub fn spec(lease: &str) -> leasekeeper::api::LockClaimSpec {
+    leasekeeper::api::LockClaimSpec {
+        lease_name: lease.into(),
+        holder_identity: None,
+        lease_duration_seconds: 15,
+        priority: 0,
+        renewal: leasekeeper::api::Renewal::Controller,
+        lock_delay_seconds: 0,
+        release: false,
+        max_hold_seconds: None,
+        ttl_seconds_after_finished: None,
+    }
+}
+
+/// Creates a claim.
+pub async fn create_claim(
+    api: &Api<leasekeeper::api::LockClaim>,
+    name: &str,
+    spec: leasekeeper::api::LockClaimSpec,
+) -> leasekeeper::api::LockClaim {
+    api.create(
+        &PostParams::default(),
+        &leasekeeper::api::LockClaim::new(name, spec),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("create {name}: {e}"))
+}
+
+/// Waits for a claim to reach `phase`.
+pub async fn wait_phase(
+    api: &Api<leasekeeper::api::LockClaim>,
+    name: &str,
+    phase: leasekeeper::api::Phase,
+    timeout: Duration,
+) -> leasekeeper::api::LockClaim {
+    wait_for(
+        api,
+        name,
+        timeout,
+        &format!("phase {phase:?}"),
+        |c: &leasekeeper::api::LockClaim| c.phase() == Some(phase),
+    )
+    .await
+}
+
+/// Records every LockClaim state a watcher sees in a namespace, in order.
+pub struct History {
+    task: tokio::task::JoinHandle<()>,
+    seen:
+        std::sync::Arc<std::sync::Mutex<Vec<(tokio::time::Instant, leasekeeper::api::LockClaim)>>>,
+}
+
+impl History {
+    /// Starts watching `ns`.
+    pub async fn record(client: &Client, ns: &str) -> History {
+        use futures::StreamExt;
+        let api: Api<leasekeeper::api::LockClaim> = Api::namespaced(client.clone(), ns);
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn({
+            let seen = seen.clone();
+            async move {
+                let mut ready_tx = Some(ready_tx);
+                let mut stream =
+                    kube::runtime::watcher(api, kube::runtime::watcher::Config::default()).boxed();
+                while let Some(ev) = stream.next().await {
+                    match ev {
+                        Ok(
+                            kube::runtime::watcher::Event::Apply(o)
+                            | kube::runtime::watcher::Event::InitApply(o),
+                        ) => {
+                            seen.lock()
+                                .expect("lock")
+                                .push((tokio::time::Instant::now(), o));
+                        }
+                        Ok(kube::runtime::watcher::Event::InitDone) => {
+                            if let Some(tx) = ready_tx.take() {
+                                let _ = tx.send(());
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        });
+        let _ = ready_rx.await;
+        History { task, seen }
+    }
+
+    /// Every state seen so far, in order.
+    pub fn states(&self) -> Vec<(tokio::time::Instant, leasekeeper::api::LockClaim)> {
+        self.seen.lock().expect("lock").clone()
+    }
+
+    /// Replays the stream: after every observed change, at most one claim per Lease is
+    /// Granted. Returns how many states were checked.
+    pub fn assert_never_two_granted(&self) -> usize {
+        let mut latest: std::collections::BTreeMap<String, leasekeeper::api::LockClaim> =
+            Default::default();
+        let states = self.states();
+        for (_, c) in &states {
+            latest.insert(c.metadata.name.clone().unwrap_or_default(), c.clone());
+            let mut per_lease: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+            for c in latest
+                .values()
+                .filter(|c| c.phase() == Some(leasekeeper::api::Phase::Granted))
+            {
+                per_lease
+                    .entry(c.spec.lease_name.as_str())
+                    .or_default()
+                    .push(c.metadata.name.clone().unwrap_or_default());
+            }
+            for (lease, holders) in per_lease {
+                assert!(
+                    holders.len() <= 1,
+                    "a watcher saw {holders:?} Granted at once on Lease {lease}"
+                );
+            }
+        }
+        states.len()
+    }
+
+    /// Whether `name` was ever seen in `phase`.
+    pub fn ever(&self, name: &str, phase: leasekeeper::api::Phase) -> bool {
+        self.states()
+            .iter()
+            .any(|(_, c)| c.metadata.name.as_deref() == Some(name) && c.phase() == Some(phase))
+    }
+
+    /// When `name` was first seen in `phase`; waits up to 5 s for the recorder's own
+    /// watch to catch up with whatever the caller already observed.
+    pub async fn first(
+        &self,
+        name: &str,
+        phase: leasekeeper::api::Phase,
+    ) -> Option<tokio::time::Instant> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let found = self
+                .states()
+                .iter()
+                .find(|(_, c)| c.metadata.name.as_deref() == Some(name) && c.phase() == Some(phase))
+                .map(|(t, _)| *t);
+            if found.is_some() || tokio::time::Instant::now() >= deadline {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for History {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Renews a Lease as a holder would (spec.renewTime, with the resourceVersion
+/// precondition), every `every`, writing renewTime shifted by `skew`, until dropped.
+pub struct Renewer {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Renewer {
+    /// Starts renewing `lease` in `ns` while it names `identity`.
+    pub fn start(
+        client: &Client,
+        ns: &str,
+        lease: &str,
+        identity: &str,
+        every: Duration,
+        skew: jiff::SignedDuration,
+    ) -> Renewer {
+        let api: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(client.clone(), ns);
+        let (lease, identity) = (lease.to_string(), identity.to_string());
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Ok(Some(mut l)) = api.get_opt(&lease).await else {
+                    continue;
+                };
+                let Some(spec) = l.spec.as_mut() else {
+                    continue;
+                };
+                if spec.holder_identity.as_deref() != Some(identity.as_str()) {
+                    continue;
+                }
+                let t = jiff::Timestamp::now()
+                    .checked_add(skew)
+                    .unwrap_or_else(|_| jiff::Timestamp::now());
+                spec.renew_time =
+                    Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(t));
+                let _ = api.replace(&lease, &PostParams::default(), &l).await;
+            }
+        });
+        Renewer { task }
+    }
+
+    /// Stops renewing.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Renewer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The Lease in `ns`, if it exists.
+pub async fn lease(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Option<k8s_openapi::api::coordination::v1::Lease> {
+    Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .expect("lease read")
+}
+
+/// Event reasons recorded in `ns` for objects of `kind` (name, reason).
+pub fn events(ns: &str) -> Vec<(String, String, String)> {
+    let (ok, out, err) = kubectl_run(&["get", "events", "-n", ns, "-o", "json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    v["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|e| {
+                    (
+                        e["involvedObject"]["kind"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                        e["involvedObject"]["name"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                        e["reason"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits (watching) until `name` no longer exists.
+pub async fn wait_gone<K>(api: &Api<K>, name: &str, timeout: Duration)
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let gone = kube::runtime::wait::await_condition(api.clone(), name, |o: Option<&K>| o.is_none());
+    match tokio::time::timeout(timeout, gone).await {
+        Ok(Ok(_)) => {}
+        other => panic!("{name} still exists after {timeout:?}: {other:?}"),
+    }
+}
