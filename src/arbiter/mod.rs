@@ -465,11 +465,19 @@ pub fn decide(input: &Input<'_>) -> Plan {
         let n = name(h);
         if !ends.contains_key(&n) {
             let seen = plan.memory.seen.as_ref();
-            let acquired = h
-                .status
-                .as_ref()
+            // The Lease's acquireTime has microseconds; the claim's status (metav1.Time)
+            // only seconds, so it is the fallback, rounded up.
+            let acquired = input
+                .lease
+                .and_then(|l| l.spec.as_ref())
                 .and_then(|s| s.acquire_time.as_ref())
-                .map(|t| t.0);
+                .map(|t| t.0)
+                .or_else(|| {
+                    h.status
+                        .as_ref()
+                        .and_then(|s| s.acquire_time.as_ref())
+                        .map(|t| add_secs(t.0, 1))
+                });
             if h.spec.renewal == Renewal::Holder && seen.is_some_and(|s| now.mono >= s.deadline) {
                 ends.insert(n.clone(), End::Expired(reason::EXPIRED));
             } else if let (Some(max), Some(acq)) = (h.spec.max_hold_seconds, acquired) {
@@ -1000,12 +1008,15 @@ fn lock_delay_until(
         .iter()
         .filter(|c| c.phase() == Some(Phase::Expired) && c.spec.lock_delay_seconds > 0)
         .filter_map(|c| {
+            // expireTime has one-second precision: round up.
             let at = c.status.as_ref()?.expire_time.as_ref()?.0;
-            Some(add_secs(at, i64::from(c.spec.lock_delay_seconds)))
+            Some(add_secs(at, i64::from(c.spec.lock_delay_seconds) + 1))
         })
         .max();
     let from_now = from_expiry_now.map(|s| add_secs(now, s));
-    [from_annotation, from_claims, from_now]
+    // The annotation is exact and written with the expiry; the claims' expireTime
+    // (rounded up) stands in when that Lease write did not happen.
+    [from_annotation.or(from_claims), from_now]
         .into_iter()
         .flatten()
         .max()
@@ -1091,11 +1102,12 @@ fn base_status(c: &LockClaim) -> LockClaimStatus {
     st
 }
 
-/// When the claim finished: the Finished condition's lastTransitionTime.
+/// When the claim finished, at the latest: the Finished condition's lastTransitionTime
+/// is stored with one-second precision, so round up rather than act early.
 fn finished_at(c: &LockClaim) -> Option<Timestamp> {
     c.condition(CONDITION_FINISHED)
         .filter(|x| x.status == "True")
-        .map(|x| x.last_transition_time.0)
+        .map(|x| add_secs(x.last_transition_time.0, 1))
 }
 
 /// Sets a condition; lastTransitionTime moves only when the status flips.

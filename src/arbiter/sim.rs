@@ -56,7 +56,8 @@ impl Default for World {
             claims: BTreeMap::new(),
             lease: None,
             rv: 100,
-            wall: Timestamp::from_second(1_800_000_000).expect("valid"),
+            // Off a whole second, so that the API's one-second truncation of metav1.Time shows.
+            wall: Timestamp::from_millisecond(1_800_000_000_700).expect("valid"),
             mono: Duration::from_secs(1000),
             memory: Memory::default(),
             config: Config {
@@ -368,6 +369,7 @@ impl World {
                 if *fill_token {
                     st.fencing_token = *last_lease_rv;
                 }
+                truncate_to_seconds(&mut st);
                 let was_granted = c.phase() == Some(Phase::Granted);
                 let newly_granted = st.phase == Some(Phase::Granted) && !was_granted;
                 let token = st.fencing_token.unwrap_or_default();
@@ -547,5 +549,25 @@ impl World {
             .get(name)
             .and_then(|c| c.status.clone())
             .unwrap_or_default()
+    }
+}
+
+/// metav1.Time is stored with one-second precision: the API server truncates.
+fn truncate_to_seconds(st: &mut crate::api::LockClaimStatus) {
+    let t = |x: &mut Time| {
+        x.0 = Timestamp::from_second(x.0.as_second()).unwrap_or(x.0);
+    };
+    for c in &mut st.conditions {
+        t(&mut c.last_transition_time);
+    }
+    for x in [
+        &mut st.acquire_time,
+        &mut st.renew_time,
+        &mut st.expire_time,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        t(x);
     }
 }

@@ -351,10 +351,14 @@ fn max_hold_ends_a_grant_as_expired() {
     s.max_hold_seconds = Some(20);
     w.create("a", s);
     w.settle();
-    w.advance(secs(19));
+    w.advance(Duration::from_millis(19_900));
     w.settle();
-    assert_eq!(w.phase("a"), Some(Phase::Granted));
-    w.advance(secs(1));
+    assert_eq!(
+        w.phase("a"),
+        Some(Phase::Granted),
+        "not before maxHoldSeconds"
+    );
+    w.advance(Duration::from_millis(100));
     w.settle();
     assert_eq!(w.phase("a"), Some(Phase::Expired));
     assert_eq!(
@@ -530,10 +534,13 @@ fn finished_claims_are_deleted_after_their_ttl() {
     w.settle();
     w.release("a");
     w.settle();
-    w.advance(secs(29));
+    w.advance(Duration::from_millis(29_900));
     w.settle();
-    assert!(w.claims.contains_key("a"));
-    w.advance(secs(1));
+    assert!(
+        w.claims.contains_key("a"),
+        "not before ttlSecondsAfterFinished"
+    );
+    w.advance(Duration::from_millis(1_200));
     w.settle();
     assert!(!w.claims.contains_key("a"));
 }

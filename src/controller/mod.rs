@@ -48,6 +48,12 @@ pub enum RunError {
     /// A watch stream ended, which only happens when the process is stopping.
     #[error("the {0} watch ended")]
     WatchEnded(&'static str),
+    /// Leader election failed.
+    #[error(transparent)]
+    Election(#[from] crate::leader::ElectionError),
+    /// This replica lost leadership: it stopped writing and exits so it restarts clean.
+    #[error("lost leadership; exiting so that this replica restarts clean")]
+    LeadershipLost,
 }
 
 /// Flags of `leasekeeper run`.
@@ -71,6 +77,24 @@ pub struct RunConfig {
     /// Name of this replica, for Events and leader election (default: the host name).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Elect one active replica through a Lease; the others wait and take over.
+    #[arg(long, env = "LEASEKEEPER_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Namespace of the leadership Lease (default: the Pod's namespace, else "default").
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub leader_namespace: Option<String>,
+    /// Name of the leadership Lease.
+    #[arg(long, default_value = "leasekeeper-leader")]
+    pub leader_lease_name: String,
+    /// Leadership term without renewal.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub leader_lease_duration: Duration,
+    /// A leader that has not renewed for this long stops and exits (< the term).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub leader_renew_deadline: Duration,
+    /// How often the leader renews.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub leader_retry_period: Duration,
 }
 
 impl RunConfig {
@@ -83,6 +107,12 @@ impl RunConfig {
             crd_wait: Duration::from_secs(60),
             concurrency: 16,
             identity: None,
+            leader_elect: false,
+            leader_namespace: None,
+            leader_lease_name: "leasekeeper-leader".into(),
+            leader_lease_duration: Duration::from_secs(15),
+            leader_renew_deadline: Duration::from_secs(10),
+            leader_retry_period: Duration::from_secs(2),
         }
     }
 
@@ -159,14 +189,52 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         namespace = cfg.watch_namespace.as_deref().unwrap_or("*"),
         "connected; LockClaim CRD established"
     );
+    if !cfg.leader_elect {
+        metrics.leader.set(1);
+        return tokio::select! {
+            res = controller(client, cfg, metrics, readiness) => res,
+            _ = shutdown_signal() => {
+                tracing::info!("shutting down");
+                Ok(())
+            }
+        };
+    }
+    // A follower is ready: it serves probes and waits to take over.
+    readiness.set(true);
+    let election = crate::leader::ElectionConfig {
+        namespace: cfg.leader_namespace.clone().unwrap_or_else(own_namespace),
+        name: cfg.leader_lease_name.clone(),
+        identity: cfg.identity(),
+        lease_duration: cfg.leader_lease_duration,
+        renew_deadline: cfg.leader_renew_deadline,
+        retry_period: cfg.leader_retry_period,
+    };
+    tracing::info!(identity = %election.identity, lease = %election.name, namespace = %election.namespace, "waiting for leadership");
+    let mut leadership = tokio::select! {
+        l = election.acquire(client.clone()) => l?,
+        _ = shutdown_signal() => return Ok(()),
+    };
     metrics.leader.set(1);
-    tokio::select! {
-        res = controller(client, cfg, metrics, readiness) => res,
+    let result = tokio::select! {
+        res = controller(client, cfg, metrics.clone(), readiness) => res,
+        _ = leadership.lost() => Err(RunError::LeadershipLost),
         _ = shutdown_signal() => {
-            tracing::info!("shutting down");
+            tracing::info!("shutting down; handing leadership over");
+            leadership.release().await;
             Ok(())
         }
-    }
+    };
+    metrics.leader.set(0);
+    result
+}
+
+/// The namespace this Pod runs in (service account mount), else "default".
+fn own_namespace() -> String {
+    std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".into())
 }
 
 /// The controller proper: watches, dispatcher and reconciles. Runs until a watch ends

@@ -1,0 +1,289 @@
+//! Leader election for the operator's own replicas, on a Lease (`leasekeeper-leader`).
+//!
+//! Like client-go's LeaseLock, with three differences that matter for failover:
+//! followers *watch* the Lease, so a leader that releases on SIGTERM is replaced in
+//! milliseconds rather than at the next retry; expiry is judged on this process's
+//! monotonic clock from the moment it last saw the Lease change, never by comparing
+//! the holder's renewTime with the local wall clock; and every write carries the
+//! resourceVersion it was decided from.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{ObjectMeta, PostParams};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Timings and names of an election.
+#[derive(Clone, Debug)]
+pub struct ElectionConfig {
+    /// Namespace of the leadership Lease.
+    pub namespace: String,
+    /// Name of the leadership Lease.
+    pub name: String,
+    /// This candidate's identity.
+    pub identity: String,
+    /// How long a leader's term lasts without renewal.
+    pub lease_duration: Duration,
+    /// A leader that has not renewed for this long gives up (must be < lease_duration).
+    pub renew_deadline: Duration,
+    /// How often the leader renews, and how often a write is retried.
+    pub retry_period: Duration,
+}
+
+/// Errors of the election.
+#[derive(Debug, thiserror::Error)]
+pub enum ElectionError {
+    /// Reading or writing the leadership Lease failed.
+    #[error("leader election on Lease {namespace}/{name}: {source}")]
+    Api {
+        /// Namespace.
+        namespace: String,
+        /// Lease name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// renew_deadline must be shorter than lease_duration.
+    #[error("the renew deadline ({renew:?}) must be shorter than the lease duration ({lease:?})")]
+    BadTimings {
+        /// Renew deadline.
+        renew: Duration,
+        /// Lease duration.
+        lease: Duration,
+    },
+}
+
+/// Leadership held. Renews in the background; [`Leadership::lost`] resolves when a
+/// renewal could not be made before the renew deadline (or someone else took the Lease).
+pub struct Leadership {
+    lost_rx: watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+    api: Api<Lease>,
+    cfg: ElectionConfig,
+}
+
+fn secs(d: Duration) -> i32 {
+    i32::try_from(d.as_secs().max(1)).unwrap_or(i32::MAX)
+}
+
+fn holder(l: &Lease) -> Option<&str> {
+    l.spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.as_deref())
+        .filter(|h| !h.is_empty())
+}
+
+impl ElectionConfig {
+    fn err(&self, source: kube::Error) -> ElectionError {
+        ElectionError::Api {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            source,
+        }
+    }
+
+    /// Blocks until this candidate leads.
+    pub async fn acquire(self, client: Client) -> Result<Leadership, ElectionError> {
+        if self.renew_deadline >= self.lease_duration {
+            return Err(ElectionError::BadTimings {
+                renew: self.renew_deadline,
+                lease: self.lease_duration,
+            });
+        }
+        let api: Api<Lease> = Api::namespaced(client, &self.namespace);
+        // Observations: (holder, renewTime) and when we first saw that pair.
+        let mut seen: Option<(Option<String>, Option<Timestamp>, Instant)> = None;
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
+        let mut changes = watcher(api.clone(), cfg).boxed();
+        loop {
+            let current = api.get_opt(&self.name).await.map_err(|e| self.err(e))?;
+            let now = Instant::now();
+            let won = match current {
+                None => self.try_write(&api, None).await?,
+                Some(lease) => {
+                    let h = holder(&lease).map(str::to_string);
+                    let r = lease
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.renew_time.as_ref())
+                        .map(|t| t.0);
+                    let duration = lease
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.lease_duration_seconds)
+                        .map_or(self.lease_duration, |s| {
+                            Duration::from_secs(u64::try_from(s.max(1)).unwrap_or(1))
+                        });
+                    match &seen {
+                        Some((sh, sr, _)) if *sh == h && *sr == r => {}
+                        _ => seen = Some((h.clone(), r, now)),
+                    }
+                    let since = seen.as_ref().map_or(now, |s| s.2);
+                    let free = h.is_none()
+                        || h.as_deref() == Some(self.identity.as_str())
+                        || now >= since + duration;
+                    if free {
+                        self.try_write(&api, Some(lease)).await?
+                    } else {
+                        // Wait for the Lease to change (release, renewal) or to run out.
+                        let wake = since + duration;
+                        let _ = tokio::time::timeout_at(wake, changes.next()).await;
+                        false
+                    }
+                }
+            };
+            if won {
+                tracing::info!(identity = %self.identity, lease = %self.name, "became leader");
+                let (lost_tx, lost_rx) = watch::channel(false);
+                let task = tokio::spawn(renew_loop(api.clone(), self.clone(), lost_tx));
+                return Ok(Leadership {
+                    lost_rx,
+                    task,
+                    api,
+                    cfg: self,
+                });
+            }
+        }
+    }
+
+    /// Takes the Lease (create, or update with the resourceVersion read). `false` on a
+    /// lost race.
+    async fn try_write(
+        &self,
+        api: &Api<Lease>,
+        current: Option<Lease>,
+    ) -> Result<bool, ElectionError> {
+        let now = MicroTime(Timestamp::now());
+        let result = match current {
+            None => {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(self.name.clone()),
+                        ..ObjectMeta::default()
+                    },
+                    spec: Some(LeaseSpec {
+                        holder_identity: Some(self.identity.clone()),
+                        lease_duration_seconds: Some(secs(self.lease_duration)),
+                        acquire_time: Some(now.clone()),
+                        renew_time: Some(now),
+                        lease_transitions: Some(0),
+                        ..LeaseSpec::default()
+                    }),
+                };
+                api.create(&PostParams::default(), &lease).await
+            }
+            Some(mut lease) => {
+                let same = holder(&lease) == Some(self.identity.as_str());
+                let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+                if !same {
+                    spec.lease_transitions =
+                        Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
+                    spec.acquire_time = Some(now.clone());
+                }
+                spec.holder_identity = Some(self.identity.clone());
+                spec.lease_duration_seconds = Some(secs(self.lease_duration));
+                spec.renew_time = Some(now);
+                api.replace(&self.name, &PostParams::default(), &lease)
+                    .await
+            }
+        };
+        match result {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+}
+
+async fn renew_loop(api: Api<Lease>, cfg: ElectionConfig, lost: watch::Sender<bool>) {
+    let mut last_ok = Instant::now();
+    let mut current: Option<Lease> = None;
+    loop {
+        tokio::time::sleep(cfg.retry_period).await;
+        let attempt = async {
+            // One request per renewal: the Lease from our last write carries the
+            // resourceVersion precondition; re-read only after a conflict or an error.
+            let mut lease = match current.take() {
+                Some(l) => l,
+                None => match api.get_opt(&cfg.name).await {
+                    Ok(Some(l)) => l,
+                    _ => return Renewal::Failed,
+                },
+            };
+            if holder(&lease) != Some(cfg.identity.as_str()) {
+                return Renewal::Taken(holder(&lease).map(str::to_string));
+            }
+            if let Some(s) = lease.spec.as_mut() {
+                s.renew_time = Some(MicroTime(Timestamp::now()));
+            }
+            match api.replace(&cfg.name, &PostParams::default(), &lease).await {
+                Ok(l) => Renewal::Renewed(Box::new(l)),
+                Err(_) => Renewal::Failed,
+            }
+        };
+        let remaining = cfg.renew_deadline.saturating_sub(last_ok.elapsed());
+        match tokio::time::timeout(remaining, attempt).await {
+            Ok(Renewal::Renewed(l)) => {
+                last_ok = Instant::now();
+                current = Some(*l);
+            }
+            Ok(Renewal::Taken(by)) => {
+                tracing::error!(identity = %cfg.identity, holder = ?by, "leadership taken by another replica");
+                let _ = lost.send(true);
+                return;
+            }
+            _ if last_ok.elapsed() >= cfg.renew_deadline => {
+                tracing::error!(identity = %cfg.identity, "could not renew leadership before the renew deadline");
+                let _ = lost.send(true);
+                return;
+            }
+            _ => tracing::warn!(identity = %cfg.identity, "leadership renewal failed; retrying"),
+        }
+    }
+}
+
+enum Renewal {
+    Renewed(Box<Lease>),
+    Taken(Option<String>),
+    Failed,
+}
+
+impl Leadership {
+    /// Resolves when leadership is lost.
+    pub async fn lost(&mut self) {
+        while !*self.lost_rx.borrow() {
+            if self.lost_rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Gives leadership up at once (on graceful shutdown), so a follower takes over
+    /// without waiting for the term to run out.
+    pub async fn release(self) {
+        self.task.abort();
+        if let Ok(Some(mut lease)) = self.api.get_opt(&self.cfg.name).await {
+            if holder(&lease) == Some(self.cfg.identity.as_str()) {
+                if let Some(s) = lease.spec.as_mut() {
+                    s.holder_identity = None;
+                    s.renew_time = Some(MicroTime(Timestamp::now()));
+                }
+                match self
+                    .api
+                    .replace(&lease.name_any(), &PostParams::default(), &lease)
+                    .await
+                {
+                    Ok(_) => tracing::info!(identity = %self.cfg.identity, "released leadership"),
+                    Err(e) => tracing::warn!(error = %e, "could not release leadership"),
+                }
+            }
+        }
+    }
+}
