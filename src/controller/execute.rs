@@ -83,6 +83,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every reason [`Error::reason`] can return (metrics start them at zero).
+    pub const REASONS: [&'static str; 7] = [
+        "Conflict",
+        "LeaseReadFailed",
+        "LeaseWriteFailed",
+        "LeaseDeleteFailed",
+        "ClaimStatusFailed",
+        "FinalizerFailed",
+        "ClaimDeleteFailed",
+    ];
+
     /// A stable PascalCase reason for metric labels and Events.
     pub fn reason(&self) -> &'static str {
         match self {

@@ -253,6 +253,20 @@ pub async fn controller(
         ),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
+    for reason in Error::REASONS {
+        metrics.reconcile_errors.get_or_create(&ReasonLabel {
+            reason: reason.into(),
+        });
+    }
+    for reason in [
+        arbiter::reason::EXPIRED,
+        arbiter::reason::MAX_HOLD_EXCEEDED,
+        arbiter::reason::LEASE_LOST,
+    ] {
+        metrics.expiries.get_or_create(&ReasonLabel {
+            reason: reason.into(),
+        });
+    }
     let (claims, claim_writer) = reflector::store();
     let (leases, lease_writer) = reflector::store();
     let reporter = Reporter {

@@ -1,0 +1,240 @@
+//! High availability on the real control plane: two `leasekeeper run --leader-elect`
+//! processes; the leader is SIGKILLed while claims are granted and released, the other
+//! takes over; then a SIGTERM handover. Also scrapes /metrics from both.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Patch, PatchParams};
+use kube::Api;
+use leasekeeper::api::{LockClaim, Phase};
+use support::{create_claim, spec, History};
+use tokio::time::Instant;
+
+struct Proc {
+    child: Child,
+    identity: String,
+    metrics_port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn start(ns: &str, identity: &str) -> Proc {
+    let port = free_port();
+    let log =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("target/ha-{ns}-{identity}.log"));
+    let out = std::fs::File::create(&log).expect("log file");
+    let child = Command::new(env!("CARGO_BIN_EXE_leasekeeper"))
+        .args([
+            "run",
+            "--leader-elect",
+            "--watch-namespace",
+            ns,
+            "--leader-namespace",
+            ns,
+        ])
+        .args([
+            "--identity",
+            identity,
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args([
+            "--leader-lease-duration",
+            "4s",
+            "--leader-renew-deadline",
+            "3s",
+            "--leader-retry-period",
+            "500ms",
+        ])
+        .env("KUBECONFIG", support::kubeconfig_path())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(out.try_clone().expect("clone"))
+        .spawn()
+        .expect("leasekeeper starts");
+    Proc {
+        child,
+        identity: identity.into(),
+        metrics_port: port,
+    }
+}
+
+fn scrape(port: u16) -> String {
+    let out = Command::new("curl")
+        .args(["-fsS", &format!("http://127.0.0.1:{port}/metrics")])
+        .output()
+        .expect("curl runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn leader(leases: &Api<Lease>) -> Option<String> {
+    leases
+        .get_opt("leasekeeper-leader")
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec?.holder_identity)
+        .filter(|h| !h.is_empty())
+}
+
+async fn wait_leader(
+    leases: &Api<Lease>,
+    not: Option<&str>,
+    timeout: Duration,
+) -> (String, Duration) {
+    let t0 = Instant::now();
+    loop {
+        if let Some(h) = leader(leases).await {
+            if Some(h.as_str()) != not {
+                return (h, t0.elapsed());
+            }
+        }
+        assert!(t0.elapsed() < timeout, "no new leader within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Releases every Granted claim shortly after it is granted, until stopped.
+fn release_loop(api: Api<LockClaim>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            if let Ok(list) = api.list(&Default::default()).await {
+                for c in list
+                    .items
+                    .iter()
+                    .filter(|c| c.phase() == Some(Phase::Granted) && !c.spec.release)
+                {
+                    let name = c.metadata.name.clone().unwrap_or_default();
+                    let _ = api
+                        .patch(
+                            &name,
+                            &PatchParams::default(),
+                            &Patch::Merge(serde_json::json!({"spec": {"release": true}})),
+                        )
+                        .await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_sigkill_takeover_and_sigterm_handover() {
+    let client = support::client().await;
+    let ns = support::namespace(&client, "ha").await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let api: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
+    let history = History::record(&client, &ns).await;
+
+    let mut a = start(&ns, "op-a");
+    let (first, _) = wait_leader(&leases, None, Duration::from_secs(30)).await;
+    assert_eq!(first, "op-a");
+    let mut b = start(&ns, "op-b");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A follower serves probes and says it is not the leader.
+    let follower_metrics = scrape(b.metrics_port);
+    assert_eq!(
+        metric(&follower_metrics, "leasekeeper_leader"),
+        0.0,
+        "{follower_metrics}"
+    );
+
+    // Load: 24 claims over 3 Leases, each released soon after it is granted.
+    let releaser = release_loop(api.clone());
+    for i in 0..24 {
+        create_claim(&api, &format!("c{i:02}"), spec(&format!("lease-{}", i % 3))).await;
+        if i == 11 {
+            // Kill the leader mid-load.
+            let killed = Instant::now();
+            a.child.kill().expect("SIGKILL");
+            let _ = a.child.wait();
+            let (new, took) = wait_leader(&leases, Some("op-a"), Duration::from_secs(10)).await;
+            assert_eq!(new, "op-b");
+            println!("ha: SIGKILL of the leader -> op-b leads after {took:?} (leader lease 4 s)");
+            assert!(
+                killed.elapsed() <= Duration::from_millis(4_500),
+                "takeover took {:?}",
+                killed.elapsed()
+            );
+        }
+    }
+    // Every claim is granted once and released.
+    for i in 0..24 {
+        support::wait_phase(
+            &api,
+            &format!("c{i:02}"),
+            Phase::Released,
+            Duration::from_secs(60),
+        )
+        .await;
+    }
+    releaser.abort();
+    for i in 0..24 {
+        assert!(
+            history.ever(&format!("c{i:02}"), Phase::Granted),
+            "c{i:02} was never granted"
+        );
+    }
+    let states = history.assert_never_two_granted();
+    println!("ha: {states} claim states observed, never two Granted on one Lease");
+
+    let leader_metrics = scrape(b.metrics_port);
+    assert_eq!(metric(&leader_metrics, "leasekeeper_leader"), 1.0);
+    assert!(
+        metric(&leader_metrics, "leasekeeper_grants_total") >= 1.0,
+        "{leader_metrics}"
+    );
+    assert!(metric(&leader_metrics, "leasekeeper_releases_total") >= 1.0);
+    assert!(metric(&leader_metrics, "leasekeeper_grant_latency_seconds_count") >= 1.0);
+    assert!(leader_metrics.contains("leasekeeper_lease_transitions_total"));
+    assert!(
+        leader_metrics.contains("leasekeeper_reconcile_errors_total{reason=\"LeaseWriteFailed\"}"),
+        "{leader_metrics}"
+    );
+    assert!(leader_metrics.contains("leasekeeper_expiries_total{reason=\"MaxHoldExceeded\"}"));
+
+    // SIGTERM handover: a new follower, then a graceful stop of the leader.
+    let mut c = start(&ns, "op-c");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let t0 = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &b.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let (new, _) = wait_leader(&leases, Some("op-b"), Duration::from_secs(10)).await;
+    let handover = t0.elapsed();
+    assert_eq!(new, "op-c");
+    println!("ha: SIGTERM of the leader -> op-c leads after {handover:?}");
+    assert!(
+        handover < Duration::from_secs(2),
+        "graceful handover took {handover:?}"
+    );
+    let exit = b.child.wait().expect("exit");
+    assert!(exit.success(), "a SIGTERMed leader exits 0: {exit:?}");
+
+    // The new leader grants a fresh claim.
+    create_claim(&api, "after", spec("lease-0")).await;
+    support::wait_phase(&api, "after", Phase::Granted, Duration::from_secs(20)).await;
+    let _ = c.child.kill();
+    let _ = c.child.wait();
+    let _ = (a.identity, b.identity, c.identity);
+}
