@@ -254,18 +254,24 @@ pub async fn controller(
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
     for reason in Error::REASONS {
-        metrics.reconcile_errors.get_or_create(&ReasonLabel {
-            reason: reason.into(),
-        });
+        metrics
+            .reconcile_errors
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .inc_by(0);
     }
     for reason in [
         arbiter::reason::EXPIRED,
         arbiter::reason::MAX_HOLD_EXCEEDED,
         arbiter::reason::LEASE_LOST,
     ] {
-        metrics.expiries.get_or_create(&ReasonLabel {
-            reason: reason.into(),
-        });
+        metrics
+            .expiries
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .inc_by(0);
     }
     let (claims, claim_writer) = reflector::store();
     let (leases, lease_writer) = reflector::store();
