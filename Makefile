@@ -10,7 +10,7 @@ CARGO ?= cargo
 PROPTEST_CASES ?= 10000
 SOAK_CASES ?= 1000000
 
-.PHONY: all build release crd run test unit e2e lint soak plane-build plane-up plane-down clean-plane
+.PHONY: all build release crd run test unit lint soak chart-test plane-build plane-up plane-down
 
 all: build
 
@@ -23,6 +23,7 @@ release:
 ## Regenerate the committed CRD from the Rust types.
 crd:
 	$(CARGO) run --locked -q -- crd > crds/lockclaims.leasekeeper.io.yaml
+	cp crds/lockclaims.leasekeeper.io.yaml charts/leasekeeper/crds/
 
 ## Build kube-apiserver, kubectl, etcd and helm from Go modules (cached by version).
 plane-build:
@@ -46,6 +47,11 @@ test: plane-up
 	  [ -n "$(KEEP_PLANE)" ] || $(PLANE) down $(E2E_PLANE); \
 	  exit $$rc
 
+## The Helm chart: lint, render, bad values, install, RBAC proven by running as its ServiceAccount.
+## (Also part of `make test`.)
+chart-test: plane-up
+	$(CARGO) test --locked --test chart -- --nocapture
+
 unit:
 	PROPTEST_CASES=$(PROPTEST_CASES) $(CARGO) test --locked --lib
 
@@ -55,3 +61,4 @@ soak:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+	hack/hadolint.sh Dockerfile

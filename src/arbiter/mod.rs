@@ -567,10 +567,12 @@ pub fn decide(input: &Input<'_>) -> Plan {
         }
     }
 
-    // --- An expiry is judged on a fresh read, never on a cache that may lag. ---
-    if ends.values().any(|e| *e == End::Expired(reason::EXPIRED))
-        || outsider.is_some() && next.is_some()
-    {
+    // --- A verdict drawn from the Lease (a missed renewal, a Lease gone or taken, an
+    // outsider's term run out) is checked on a fresh read, never on a cache that may lag.
+    let lease_verdict = ends
+        .values()
+        .any(|e| matches!(e, End::Expired(reason::EXPIRED | reason::LEASE_LOST)));
+    if lease_verdict || outsider.is_some() && next.is_some() {
         plan.steps.push(Step::VerifyLease {
             resource_version: input
                 .lease
@@ -750,6 +752,17 @@ pub fn decide(input: &Input<'_>) -> Plan {
         } else if let Some(hc) = holder_stays {
             // The holder keeps the Lease. Complete an interrupted grant, renew if due.
             if hc.phase() != Some(Phase::Granted) && !deleting(hc) {
+                // No Lease write of ours precedes this grant: make sure the Lease still
+                // names the claim, not just the cache.
+                if !plan
+                    .steps
+                    .iter()
+                    .any(|s| matches!(s, Step::VerifyLease { .. }))
+                {
+                    plan.steps.push(Step::VerifyLease {
+                        resource_version: lease.metadata.resource_version.clone(),
+                    });
+                }
                 let mut st = base_status(hc);
                 st.phase = Some(Phase::Granted);
                 st.queue_position = None;

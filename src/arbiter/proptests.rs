@@ -36,6 +36,8 @@ enum Op {
     Reconcile,
     Crash(usize),
     Stale(Box<Op>),
+    /// Decide from a Lease cache older than the claims cache, then write.
+    LaggingLease(Box<Op>),
     Restart,
     Outsider(Option<u8>),
     DeleteLease,
@@ -60,7 +62,11 @@ fn leaf() -> impl Strategy<Value = Op> {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    prop_oneof![8 => leaf(), 1 => leaf().prop_map(|o| Op::Stale(Box::new(o)))]
+    prop_oneof![
+        8 => leaf(),
+        1 => leaf().prop_map(|o| Op::Stale(Box::new(o))),
+        1 => leaf().prop_map(|o| Op::LaggingLease(Box::new(o))),
+    ]
 }
 
 fn name(id: u8) -> String {
@@ -159,6 +165,18 @@ fn run(w: &mut World, op: &Op) {
             let dirty = w.outsider_dirty;
             w.apply(&plan, &snap, usize::MAX);
             // A plan decided before an outsider's write has not answered it yet.
+            w.outsider_dirty |= dirty;
+        }
+        Op::LaggingLease(inner) => {
+            // The Lease cache still holds the version from before `inner` and before
+            // the operator's own last write; the claims cache is fresh.
+            let old_lease = w.lease.clone();
+            run(w, inner);
+            w.reconcile();
+            let plan = w.plan_with_lease(old_lease.as_ref());
+            let snap = w.rvs();
+            let dirty = w.outsider_dirty;
+            w.apply(&plan, &snap, usize::MAX);
             w.outsider_dirty |= dirty;
         }
         Op::Restart => w.restart(),

@@ -247,6 +247,20 @@ impl World {
         })
     }
 
+    /// Decides from a cache whose Lease is `lease` (perhaps older than the claims), as
+    /// an operator whose Lease watch lags its claim watch would.
+    pub fn plan_with_lease(&self, lease: Option<&Lease>) -> Plan {
+        let claims: Vec<&LockClaim> = self.claims.values().collect();
+        decide(&Input {
+            lease_name: LEASE,
+            claims: &claims,
+            lease,
+            memory: &self.memory,
+            now: self.now(),
+            config: self.config,
+        })
+    }
+
     /// Decides and applies the whole plan; panics on an invariant violation.
     pub fn reconcile(&mut self) -> Plan {
         let plan = self.plan();
@@ -380,6 +394,11 @@ impl World {
                         .iter()
                         .any(|x| x.reason == super::reason::EXPIRED);
                 let identity = c.identity();
+                let lost_lease = st.phase == Some(Phase::Expired)
+                    && st
+                        .conditions
+                        .iter()
+                        .any(|x| x.reason == super::reason::LEASE_LOST);
                 c.status = Some(st);
                 c.metadata.resource_version = Some(next_rv.clone());
                 rvs.insert(claim.clone(), next_rv);
@@ -390,6 +409,11 @@ impl World {
                     );
                     self.max_token = token;
                     self.grants += 1;
+                }
+                if lost_lease && self.holder().as_deref() == Some(identity.as_str()) {
+                    self.violations.push(format!(
+                        "{identity} marked LeaseLost while the Lease names it"
+                    ));
                 }
                 if expired_by_heartbeat && self.healthy.contains_key(&identity) {
                     self.violations

@@ -315,11 +315,10 @@ pub async fn controller(
             .default_backoff()
             .for_each(move |ev| {
                 match ev {
-                    Ok(
-                        watcher::Event::Apply(o)
-                        | watcher::Event::InitApply(o)
-                        | watcher::Event::Delete(o),
-                    ) => lease_seen(&c, &o),
+                    Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                        lease_seen(&c, &o, false)
+                    }
+                    Ok(watcher::Event::Delete(o)) => lease_seen(&c, &o, true),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "Lease watch error; retrying"),
                 }
@@ -363,6 +362,14 @@ fn claim_seen(ctx: &Context, claim: &LockClaim, deleted: bool) {
         namespace,
         name: claim.spec.lease_name.clone(),
     };
+    if let Some(s) = ctx.keys().get_mut(&key) {
+        let name = claim.name_any();
+        let mut w = s.claim_rvs.get(&name).copied();
+        caught_up(&mut w, claim.resource_version(), deleted);
+        if w.is_none() {
+            s.claim_rvs.remove(&name);
+        }
+    }
     {
         let mut index = ctx.index();
         let names = index.entry(key.clone()).or_default();
@@ -375,7 +382,15 @@ fn claim_seen(ctx: &Context, claim: &LockClaim, deleted: bool) {
     ctx.queue.now(key);
 }
 
-fn lease_seen(ctx: &Context, lease: &Lease) {
+/// Once the watch delivers our own write (or anything later), the cache has caught up.
+fn caught_up(written: &mut Option<u64>, seen: Option<String>, deleted: bool) {
+    let seen = seen.and_then(|v| v.parse::<u64>().ok());
+    if deleted || written.is_some_and(|w| seen.is_some_and(|r| r >= w)) {
+        *written = None;
+    }
+}
+
+fn lease_seen(ctx: &Context, lease: &Lease, deleted: bool) {
     let Some(namespace) = lease.namespace() else {
         return;
     };
@@ -383,6 +398,9 @@ fn lease_seen(ctx: &Context, lease: &Lease) {
         namespace,
         name: lease.name_any(),
     };
+    if let Some(s) = ctx.keys().get_mut(&key) {
+        caught_up(&mut s.lease_rv, lease.resource_version(), deleted);
+    }
     // Leases nobody claims and we did not create (node heartbeats, other controllers'
     // leader election) are not our business.
     let relevant = arbiter::is_managed(lease)
@@ -461,7 +479,8 @@ async fn reconcile(ctx: &Arc<Context>, key: &LeaseKey) -> Result<Option<Duration
         let rv = |o: Option<String>| o.and_then(|v| v.parse::<u64>().ok());
         let stale = state.is_some_and(|s| {
             let lease_behind = s.lease_rv.is_some_and(|w| {
-                rv(lease.as_ref().and_then(|l| l.resource_version())).is_some_and(|r| r < w)
+                // Absent from the cache although we wrote it: the watch has not caught up.
+                rv(lease.as_ref().and_then(|l| l.resource_version())).is_none_or(|r| r < w)
             });
             let claim_behind = claims.iter().any(|c| {
                 s.claim_rvs

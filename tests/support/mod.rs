@@ -484,3 +484,35 @@ where
         other => panic!("{name} still exists after {timeout:?}: {other:?}"),
     }
 }
+
+/// Runs `helm` against the test control plane.
+pub fn helm(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin_dir().join("helm"))
+        .args(args)
+        .env("KUBECONFIG", kubeconfig_path())
+        .env("HELM_CACHE_HOME", root().join("target/helm/cache"))
+        .env("HELM_CONFIG_HOME", root().join("target/helm/config"))
+        .env("HELM_DATA_HOME", root().join("target/helm/data"))
+        .output()
+        .expect("helm runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Starts `leasekeeper run ARGS` as a process with `kubeconfig`; logs to target/NAME.log.
+pub fn spawn_operator(kubeconfig: &Path, name: &str, args: &[&str]) -> std::process::Child {
+    let log = root().join(format!("target/{name}.log"));
+    let out = std::fs::File::create(&log).expect("log file");
+    Command::new(env!("CARGO_BIN_EXE_leasekeeper"))
+        .arg("run")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(out)
+        .spawn()
+        .expect("leasekeeper starts")
+}

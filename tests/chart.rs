@@ -1,0 +1,278 @@
+//! The Helm chart: lint, render with default and custom values, reject bad values, and
+//! install into the real control plane; then run the operator out of cluster as the
+//! chart's ServiceAccount through the core lifecycle, proving its RBAC is enough (and
+//! that it cannot read Secrets).
+
+mod support;
+
+use std::time::Duration;
+
+use kube::Api;
+use leasekeeper::api::{LockClaim, Phase, Renewal};
+use support::{create_claim, spec, wait_phase};
+
+const CHART: &str = "charts/leasekeeper";
+const KUBE_VERSION: &str = "--kube-version=1.35.4";
+
+fn chart() -> String {
+    support::root().join(CHART).to_string_lossy().into_owned()
+}
+
+fn kinds(yaml: &str) -> Vec<String> {
+    yaml.lines()
+        .filter_map(|l| l.strip_prefix("kind: "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn chart_crd_is_the_generated_crd() {
+    let top = std::fs::read_to_string(support::root().join("crds/lockclaims.leasekeeper.io.yaml"))
+        .expect("crd");
+    let chart = std::fs::read_to_string(
+        support::root()
+            .join(CHART)
+            .join("crds/lockclaims.leasekeeper.io.yaml"),
+    )
+    .expect("chart crd");
+    assert!(
+        top == chart,
+        "charts/leasekeeper/crds differs from crds/: run `make crd`"
+    );
+}
+
+#[test]
+fn chart_app_version_is_the_crate_version() {
+    let chart = std::fs::read_to_string(support::root().join(CHART).join("Chart.yaml"))
+        .expect("Chart.yaml");
+    assert!(
+        chart.contains(&format!("appVersion: \"{}\"", env!("CARGO_PKG_VERSION"))),
+        "{chart}"
+    );
+}
+
+#[test]
+fn chart_lints_and_renders_with_default_and_custom_values() {
+    let (ok, out, err) = support::helm(&["lint", "--strict", &chart(), KUBE_VERSION]);
+    assert!(ok, "helm lint: {out}{err}");
+    let (ok, default, err) = support::helm(&["template", "lk", &chart(), KUBE_VERSION]);
+    assert!(ok, "{err}");
+    let k = kinds(&default);
+    for want in [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Deployment",
+        "Service",
+    ] {
+        assert!(
+            k.iter().any(|x| x == want),
+            "default render lacks {want}: {k:?}"
+        );
+    }
+    assert!(
+        !k.iter()
+            .any(|x| x == "ServiceMonitor" || x == "PodDisruptionBudget"),
+        "{k:?}"
+    );
+    for hardening in [
+        "runAsNonRoot: true",
+        "readOnlyRootFilesystem: true",
+        "allowPrivilegeEscalation: false",
+        "drop: [\"ALL\"]",
+        "type: RuntimeDefault",
+        "replicas: 2",
+        "- --leader-elect",
+        "path: /readyz",
+        "path: /healthz",
+    ] {
+        assert!(
+            default.contains(hardening),
+            "default render lacks {hardening:?}"
+        );
+    }
+    assert!(
+        !default.contains("'*'") && !default.contains("\"*\""),
+        "no wildcard RBAC"
+    );
+
+    let (ok, custom, err) = support::helm(&[
+        "template",
+        "lk",
+        &chart(),
+        KUBE_VERSION,
+        "--set",
+        "watchNamespace=team-a",
+        "--set",
+        "replicas=3",
+        "--set",
+        "serviceMonitor.enabled=true",
+        "--set",
+        "podDisruptionBudget.enabled=true",
+        "--set",
+        "leaderElection.enabled=false",
+        "--set",
+        "logFormat=text",
+    ]);
+    assert!(ok, "{err}");
+    let k = kinds(&custom);
+    assert!(
+        k.iter().any(|x| x == "ServiceMonitor") && k.iter().any(|x| x == "PodDisruptionBudget"),
+        "{k:?}"
+    );
+    assert_eq!(
+        k.iter().filter(|x| *x == "ClusterRole").count(),
+        1,
+        "only the CRD reader is cluster-wide: {k:?}"
+    );
+    assert!(custom.contains("namespace: team-a") && custom.contains("--watch-namespace=team-a"));
+    assert!(custom.contains("replicas: 3") && !custom.contains("--leader-elect"));
+    assert!(custom.contains("value: \"text\""));
+}
+
+#[test]
+fn chart_rejects_bad_values_with_a_message_naming_the_key() {
+    for (set, expect) in [
+        ("replicas=two", "/replicas"),
+        ("logFormat=xml", "/logFormat"),
+        (
+            "leaderElection.leaseDuration=soon",
+            "/leaderElection/leaseDuration",
+        ),
+        ("nosuchkey=1", "nosuchkey"),
+    ] {
+        let (ok, _, err) = support::helm(&["template", "lk", &chart(), KUBE_VERSION, "--set", set]);
+        assert!(!ok, "{set} was accepted");
+        assert!(err.contains(expect), "{set}: {err}");
+    }
+}
+
+fn token_kubeconfig(ns: &str, sa: &str, path: &std::path::Path) {
+    let (ok, token, err) =
+        support::kubectl_run(&["create", "token", sa, "-n", ns, "--duration=1h"]);
+    assert!(ok, "kubectl create token: {err}");
+    let admin = std::fs::read_to_string(support::kubeconfig_path()).expect("kubeconfig");
+    let server = admin
+        .split("server: \"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("server");
+    let ca = admin
+        .split("certificate-authority-data: ")
+        .nth(1)
+        .and_then(|s| s.split(['}', ',', '\n']).next())
+        .expect("ca")
+        .trim();
+    let kc = format!(
+        "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{server}\", certificate-authority-data: {ca}}}}}]\nusers: [{{name: sa, user: {{token: {}}}}}]\ncontexts: [{{name: sa, context: {{cluster: c, user: sa, namespace: {ns}}}}}]\ncurrent-context: sa\n",
+        token.trim()
+    );
+    std::fs::write(path, kc).expect("write kubeconfig");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_installs_and_its_service_account_runs_the_lifecycle() {
+    let client = support::client().await;
+    let release_ns = support::namespace(&client, "chart-sys").await;
+    let claims_ns = support::namespace(&client, "chart-work").await;
+    let release = format!("lk{}", &release_ns[release_ns.len() - 8..]);
+    let (ok, out, err) = support::helm(&["install", &release, &chart(), "-n", &release_ns]);
+    assert!(ok, "helm install: {out}{err}");
+    assert!(
+        out.contains("kubectl wait"),
+        "NOTES tell how to wait for a claim: {out}"
+    );
+    let (ok, out, _) = support::kubectl_run(&[
+        "get",
+        "deployment,serviceaccount,service",
+        "-n",
+        &release_ns,
+        "-o",
+        "name",
+    ]);
+    assert!(
+        ok && out.contains("deployment.apps/") && out.contains("serviceaccount/"),
+        "{out}"
+    );
+
+    let sa = format!("{release}-leasekeeper");
+    let kc = support::root().join(format!("target/{release}.kubeconfig"));
+    token_kubeconfig(&release_ns, &sa, &kc);
+    let kc_s = kc.to_string_lossy().into_owned();
+
+    // Least privilege: the chart's identity cannot read Secrets.
+    let (ok, _, err) =
+        support::kubectl_run(&["--kubeconfig", &kc_s, "get", "secrets", "-n", &claims_ns]);
+    assert!(
+        !ok && err.contains("Forbidden"),
+        "the operator's identity can read Secrets: {err}"
+    );
+    let (_, can, _) = support::kubectl_run(&[
+        "--kubeconfig",
+        &kc_s,
+        "auth",
+        "can-i",
+        "list",
+        "secrets",
+        "-A",
+    ]);
+    assert_eq!(can.trim(), "no");
+
+    let mut op = support::spawn_operator(
+        &kc,
+        &format!("chart-{release}"),
+        &[
+            "--leader-elect",
+            "--leader-namespace",
+            &release_ns,
+            "--watch-namespace",
+            &claims_ns,
+            "--identity",
+            "chart-op",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+    );
+    let api: Api<LockClaim> = Api::namespaced(client.clone(), &claims_ns);
+    create_claim(&api, "a", spec("db")).await;
+    wait_phase(&api, "a", Phase::Granted, Duration::from_secs(30)).await;
+    create_claim(&api, "b", spec("db")).await;
+    let b = wait_phase(&api, "b", Phase::Pending, Duration::from_secs(20)).await;
+    assert_eq!(b.status.and_then(|s| s.queue_position), Some(1));
+    api.delete("a", &Default::default()).await.expect("delete");
+    wait_phase(&api, "b", Phase::Granted, Duration::from_secs(20)).await;
+    let mut c = spec("job");
+    c.renewal = Renewal::Holder;
+    c.lease_duration_seconds = 2;
+    create_claim(&api, "c", c).await;
+    wait_phase(&api, "c", Phase::Granted, Duration::from_secs(20)).await;
+    wait_phase(&api, "c", Phase::Expired, Duration::from_secs(20)).await;
+    let (ok, out, _) = support::kubectl_run(&[
+        "get",
+        "lease",
+        "leasekeeper-leader",
+        "-n",
+        &release_ns,
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    assert!(
+        ok && out == "chart-op",
+        "leader election under the chart's Role: {out}"
+    );
+    let evs = support::events(&claims_ns);
+    assert!(
+        evs.iter().any(|(_, n, r)| n == "a" && r == "Granted"),
+        "Events under the chart's RBAC: {evs:?}"
+    );
+    let _ = op.kill();
+    let _ = op.wait();
+    let log = std::fs::read_to_string(support::root().join(format!("target/chart-{release}.log")))
+        .unwrap_or_default();
+    assert!(
+        !log.contains("Forbidden") && !log.contains("forbidden"),
+        "RBAC denials in the operator log:\n{log}"
+    );
+}
