@@ -14,7 +14,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{ObjectMeta, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -101,7 +101,7 @@ impl ElectionConfig {
         // Observations: (holder, renewTime) and when we first saw that pair.
         let mut seen: Option<(Option<String>, Option<Timestamp>, Instant)> = None;
         let cfg = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
-        let mut changes = watcher(api.clone(), cfg).boxed();
+        let mut changes = watcher(api.clone(), cfg).default_backoff().boxed();
         loop {
             let current = api.get_opt(&self.name).await.map_err(|e| self.err(e))?;
             let now = Instant::now();

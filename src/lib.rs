@@ -4,11 +4,13 @@
 //! - [`api`]: the `LockClaim` custom resource.
 //! - [`arbiter`]: the pure decision core (state in, writes out; no client, no clock).
 //! - [`controller`]: kube-runtime wiring that reads state, asks the arbiter and writes.
+//! - [`client`]: the workload side: acquire, hold and release locks.
 //! - [`leader`]: leader election among operator replicas.
 //! - [`telemetry`]: logging, metrics and the probe server.
 
 pub mod api;
 pub mod arbiter;
+pub mod client;
 pub mod controller;
 pub mod leader;
 pub mod telemetry;

@@ -285,8 +285,10 @@ impl History {
             let seen = seen.clone();
             async move {
                 let mut ready_tx = Some(ready_tx);
-                let mut stream =
-                    kube::runtime::watcher(api, kube::runtime::watcher::Config::default()).boxed();
+                let mut stream = kube::runtime::WatchStreamExt::default_backoff(
+                    kube::runtime::watcher(api, kube::runtime::watcher::Config::default()),
+                )
+                .boxed();
                 while let Some(ev) = stream.next().await {
                     match ev {
                         Ok(
