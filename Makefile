@@ -10,7 +10,7 @@ CARGO ?= cargo
 PROPTEST_CASES ?= 10000
 SOAK_CASES ?= 1000000
 
-.PHONY: all build release crd run test unit lint soak chart-test plane-build plane-up plane-down
+.PHONY: all build release crd run test unit lint soak chart-test bench bench-smoke plane-build plane-up plane-down
 
 all: build
 
@@ -42,7 +42,7 @@ run: plane-build
 ## Everything: unit + property tests, then e2e tests on a real control plane.
 ## KEEP_PLANE=1 leaves the control plane running for the next run.
 test: plane-up
-	PROPTEST_CASES=$(PROPTEST_CASES) $(CARGO) test --locked --all-targets -- --nocapture --test-threads=16 2>&1 | tee target/test.log; \
+	PROPTEST_CASES=$(PROPTEST_CASES) $(CARGO) test --locked --no-fail-fast --all-targets -- --nocapture --test-threads=16 2>&1 | tee target/test.log; \
 	  rc=$${PIPESTATUS[0]}; \
 	  [ -n "$(KEEP_PLANE)" ] || $(PLANE) down $(E2E_PLANE); \
 	  exit $$rc
@@ -62,3 +62,19 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 	hack/hadolint.sh Dockerfile
+
+## Benchmarks against client-go leader election on one local API server (~20 min).
+## Writes bench/results/latest.md. Asserts nothing: it measures.
+BENCH_PLANE := target/bench-plane
+bench: plane-build
+	$(CARGO) build --locked --release --bins
+	peer=$$(bench/peers/build.sh) && $(PLANE) up $(BENCH_PLANE) && \
+	  target/release/lk-bench --kubeconfig $(BENCH_PLANE)/kubeconfig --bin target/release --peer $$peer \
+	    --out bench/results/latest.md; rc=$$?; $(PLANE) down $(BENCH_PLANE); exit $$rc
+
+## Every benchmark scenario with small N (part of CI; debug build, numbers not meaningful).
+bench-smoke: plane-build
+	$(CARGO) build --locked --bins
+	peer=$$(bench/peers/build.sh) && $(PLANE) up $(BENCH_PLANE)-smoke && \
+	  target/debug/lk-bench --smoke --kubeconfig $(BENCH_PLANE)-smoke/kubeconfig --bin target/debug --peer $$peer \
+	    --out target/bench-smoke.md; rc=$$?; $(PLANE) down $(BENCH_PLANE)-smoke; exit $$rc

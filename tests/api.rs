@@ -230,8 +230,16 @@ async fn changing_an_immutable_field_is_rejected_and_release_is_one_way() {
 #[tokio::test]
 async fn kubectl_explain_shows_the_doc_text() {
     let _ = support::client().await;
-    let (ok, out, err) = support::kubectl_run(&["explain", "lockclaim.spec.leaseName"]);
-    assert!(ok, "{err}");
+    // The apiserver publishes a new CRD's OpenAPI a few seconds after it is Established.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (out, err) = loop {
+        let (ok, out, err) = support::kubectl_run(&["explain", "lockclaim.spec.leaseName"]);
+        if ok || std::time::Instant::now() > deadline {
+            break (out, err);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(!out.is_empty(), "{err}");
     let flat = out.split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(
         flat.contains(

@@ -492,6 +492,7 @@ async fn reconcile(ctx: &Arc<Context>, key: &LeaseKey) -> Result<Option<Duration
         (state.map(|s| s.memory.clone()).unwrap_or_default(), stale)
     };
     if stale {
+        tracing::debug!(namespace = %key.namespace, lease = %key.name, "cache behind our last write; waiting for the watch");
         return Ok(Some(Duration::from_secs(1)));
     }
 
