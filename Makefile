@@ -10,7 +10,7 @@ CARGO ?= cargo
 PROPTEST_CASES ?= 10000
 SOAK_CASES ?= 1000000
 
-.PHONY: all build release crd run test unit lint soak chart-test bench bench-smoke plane-build plane-up plane-down
+.PHONY: all build release crd run test unit lint soak chart-test bench bench-smoke chaos chaos-smoke chaos-controls chaos-build plane-build plane-up plane-down
 
 all: build
 
@@ -78,3 +78,29 @@ bench-smoke: plane-build
 	peer=$$(bench/peers/build.sh) && $(PLANE) up $(BENCH_PLANE)-smoke && \
 	  target/debug/lk-bench --smoke --kubeconfig $(BENCH_PLANE)-smoke/kubeconfig --bin target/debug --peer $$peer \
 	    --out target/bench-smoke.md; rc=$$?; $(PLANE) down $(BENCH_PLANE)-smoke; exit $$rc
+
+## Chaos: operator replicas, holders and faults on a seeded schedule, then the checker.
+## The chaos build carries the negative-control switches (feature chaos-negative-controls)
+## in its own target dir, so they never reach the normal binaries.
+CHAOS_PLANE := target/chaos-plane
+CHAOS_TARGET := target/chaos-build
+CHAOS_BIN := $(CHAOS_TARGET)/debug
+CHAOS_DURATION ?= 20m
+chaos-build:
+	$(CARGO) build --locked --features chaos-negative-controls --bins --target-dir $(CHAOS_TARGET)
+
+chaos: plane-build chaos-build
+	$(PLANE) up $(CHAOS_PLANE) && \
+	  $(CHAOS_BIN)/lk-chaos run --plane $(CHAOS_PLANE) --bin $(CHAOS_BIN) --duration $(CHAOS_DURATION) \
+	    --out bench/results/chaos-latest.md $(if $(SEED),--seed $(SEED)); rc=$$?; $(PLANE) down $(CHAOS_PLANE); exit $$rc
+
+## A short chaos run plus every negative control (part of CI).
+chaos-smoke: plane-build chaos-build
+	$(PLANE) up $(CHAOS_PLANE)-smoke && \
+	  $(CHAOS_BIN)/lk-chaos run --plane $(CHAOS_PLANE)-smoke --bin $(CHAOS_BIN) --duration 60s \
+	    --out target/chaos-smoke.md $(if $(SEED),--seed $(SEED)) && \
+	  hack/chaos-controls.sh $(CHAOS_PLANE)-smoke $(CHAOS_BIN) 30s; rc=$$?; $(PLANE) down $(CHAOS_PLANE)-smoke; exit $$rc
+
+chaos-controls: plane-build chaos-build
+	$(PLANE) up $(CHAOS_PLANE)-controls && hack/chaos-controls.sh $(CHAOS_PLANE)-controls $(CHAOS_BIN) 30s; \
+	  rc=$$?; $(PLANE) down $(CHAOS_PLANE)-controls; exit $$rc

@@ -38,6 +38,9 @@ struct Args {
     /// Where to write the markdown report.
     #[arg(long)]
     out: PathBuf,
+    /// Run only these scenarios (1 grant, 2 handoff, 3 failover, 4 scale, 5 idle).
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 3, 4, 5])]
+    only: Vec<u8>,
 }
 
 struct Stats {
@@ -441,254 +444,267 @@ async fn main() {
         let _ = api.delete("warmup", &Default::default()).await;
     }
 
-    // 1. Grant latency on a free Lease, and the floor: bare Lease create and update.
-    let ns = "bench-grant";
-    namespace(&client, ns).await;
-    namespace(&client, "bench-floor").await;
-    let (seen, _w) = Seen::start(&client, ns).await;
-    let claims: Api<LockClaim> = Api::namespaced(client.clone(), ns);
-    let before = apiserver_requests(&client).await;
-    let mut grant = Vec::new();
-    for i in 0..n {
-        let name = format!("g{i}");
-        let t0 = Instant::now();
-        claims
-            .create(
-                &PostParams::default(),
-                &LockClaim::new(&name, spec(&name, Renewal::Holder, 3600)),
-            )
-            .await
-            .expect("create");
-        if let Some(t) = seen
-            .wait(ns, &name, Phase::Granted, Duration::from_secs(30))
-            .await
-        {
-            grant.push(t - t0);
-        }
-    }
-    let after = apiserver_requests(&client).await;
-    let grant_cost = delta(&before, &after, n);
-    let leases: Api<Lease> = Api::namespaced(client.clone(), "bench-floor");
-    let (mut create, mut update) = (Vec::new(), Vec::new());
-    for i in 0..n {
-        let l = Lease {
-            metadata: ObjectMeta {
-                name: Some(format!("f{i}")),
-                ..ObjectMeta::default()
-            },
-            spec: Some(LeaseSpec {
-                holder_identity: Some("x".into()),
-                ..LeaseSpec::default()
-            }),
-        };
-        let t0 = Instant::now();
-        let mut created = leases
-            .create(&PostParams::default(), &l)
-            .await
-            .expect("lease create");
-        create.push(t0.elapsed());
-        if let Some(s) = created.spec.as_mut() {
-            s.holder_identity = Some("y".into());
-        }
-        let t0 = Instant::now();
-        leases
-            .replace(&format!("f{i}"), &PostParams::default(), &created)
-            .await
-            .expect("lease update");
-        update.push(t0.elapsed());
-    }
-    let (g, c, u) = (stats(grant), stats(create), stats(update));
-    r.add("## 1. Grant latency on a free Lease (claim created -> creator's watch sees Granted)");
-    r.add(String::new());
-    r.header();
-    r.row("leasekeeper grant", &g);
-    r.row("floor: one Lease create", &c);
-    r.row("floor: one Lease update", &u);
-    r.add(String::new());
-    r.add(format!("Grant p50 = {:.1}x one Lease create, p99 = {:.1}x (a grant is at least: claim create, finalizer, Lease create, status write, watch delivery).", g.p50.as_secs_f64() / c.p50.as_secs_f64().max(1e-9), g.p99.as_secs_f64() / c.p99.as_secs_f64().max(1e-9)));
-    r.add(String::new());
-    r.add(format!("API requests per grant (apiserver_request_total deltas, includes the benchmark's own claim create): {grant_cost}"));
-    r.add(String::new());
-
-    // 2. Handoff after a clean release.
-    let ns = "bench-handoff";
-    namespace(&client, ns).await;
-    let (seen, _w2) = Seen::start(&client, ns).await;
-    let claims: Api<LockClaim> = Api::namespaced(client.clone(), ns);
-    let mut results = Vec::new();
-    let before = apiserver_requests(&client).await;
-    for variant in ["delete", "release"] {
-        let mut v = Vec::new();
+    let on = |n: u8| args.only.contains(&n);
+    if on(1) {
+        // 1. Grant latency on a free Lease, and the floor: bare Lease create and update.
+        let ns = "bench-grant";
+        namespace(&client, ns).await;
+        namespace(&client, "bench-floor").await;
+        let (seen, _w) = Seen::start(&client, ns).await;
+        let claims: Api<LockClaim> = Api::namespaced(client.clone(), ns);
+        let before = apiserver_requests(&client).await;
+        let mut grant = Vec::new();
         for i in 0..n {
-            let (a, b, lease) = (
-                format!("{variant}-a{i}"),
-                format!("{variant}-b{i}"),
-                format!("{variant}-{i}"),
-            );
-            claims
-                .create(
-                    &PostParams::default(),
-                    &LockClaim::new(&a, spec(&lease, Renewal::Holder, 3600)),
-                )
-                .await
-                .expect("a");
-            seen.wait(ns, &a, Phase::Granted, Duration::from_secs(30))
-                .await;
-            claims
-                .create(
-                    &PostParams::default(),
-                    &LockClaim::new(&b, spec(&lease, Renewal::Holder, 3600)),
-                )
-                .await
-                .expect("b");
-            seen.wait(ns, &b, Phase::Pending, Duration::from_secs(30))
-                .await;
+            let name = format!("g{i}");
             let t0 = Instant::now();
-            if variant == "delete" {
-                claims
-                    .delete(&a, &Default::default())
-                    .await
-                    .expect("delete");
-            } else {
-                claims
-                    .patch(
-                        &a,
-                        &PatchParams::default(),
-                        &Patch::Merge(serde_json::json!({"spec": {"release": true}})),
-                    )
-                    .await
-                    .expect("release");
-            }
+            claims
+                .create(
+                    &PostParams::default(),
+                    &LockClaim::new(&name, spec(&name, Renewal::Holder, 3600)),
+                )
+                .await
+                .expect("create");
             if let Some(t) = seen
-                .wait(ns, &b, Phase::Granted, Duration::from_secs(30))
+                .wait(ns, &name, Phase::Granted, Duration::from_secs(30))
                 .await
             {
-                v.push(t - t0);
+                grant.push(t - t0);
             }
         }
-        results.push((variant, stats(v)));
-    }
-    let after = apiserver_requests(&client).await;
-    let handoff_cost = delta(&before, &after, 2 * n);
-
-    // 3. Failover after holder death, and the client-go peer on the same scenarios.
-    let fail_n = if args.smoke { 3 } else { 100 };
-    let batch = if args.smoke { 3 } else { 25 };
-    let mut failover: Vec<(String, Stats, Duration)> = Vec::new();
-    for d in [4u64, 15] {
-        let v = lk_failover(&client, &args, d, fail_n, batch).await;
-        failover.push((
-            format!("leasekeeper, Holder renewal, lease {d} s: holder SIGKILLed -> next Granted"),
-            stats(v),
-            Duration::from_secs(d),
-        ));
-    }
-    let mut peer_rows: Vec<(String, Stats)> = Vec::new();
-    if let Some(peer) = &args.peer {
-        namespace(&client, "bench-client-go").await;
-        for (label, d, rd, rp) in [
-            ("defaults 15s/10s/2s", 15u64, 10.0, 2.0),
-            ("aggressive 4s/3s/0.5s", 4, 3.0, 0.5),
-        ] {
-            for kill in [false, true] {
-                let v = peer_run(&args, peer, d, rd, rp, kill, fail_n, batch).await;
-                let what = if kill {
-                    "leader SIGKILLed -> new OnStartedLeading"
-                } else {
-                    "leader SIGTERM (ReleaseOnCancel) -> new OnStartedLeading"
-                };
-                peer_rows.push((format!("client-go {label}: {what}"), stats(v)));
+        let after = apiserver_requests(&client).await;
+        let grant_cost = delta(&before, &after, n);
+        let leases: Api<Lease> = Api::namespaced(client.clone(), "bench-floor");
+        let (mut create, mut update) = (Vec::new(), Vec::new());
+        for i in 0..n {
+            let l = Lease {
+                metadata: ObjectMeta {
+                    name: Some(format!("f{i}")),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some("x".into()),
+                    ..LeaseSpec::default()
+                }),
+            };
+            let t0 = Instant::now();
+            let mut created = leases
+                .create(&PostParams::default(), &l)
+                .await
+                .expect("lease create");
+            create.push(t0.elapsed());
+            if let Some(s) = created.spec.as_mut() {
+                s.holder_identity = Some("y".into());
             }
+            let t0 = Instant::now();
+            leases
+                .replace(&format!("f{i}"), &PostParams::default(), &created)
+                .await
+                .expect("lease update");
+            update.push(t0.elapsed());
         }
-    }
-    r.add("## 2. Handoff after a clean release (holder releases -> next claimant's watch sees Granted)");
-    r.add(String::new());
-    r.header();
-    for (variant, s) in &results {
-        r.row(
-            &format!(
-                "leasekeeper, holder {}",
-                if *variant == "delete" {
-                    "claim deleted"
-                } else {
-                    "`release: true`"
-                }
-            ),
-            s,
+        let (g, c, u) = (stats(grant), stats(create), stats(update));
+        r.add(
+            "## 1. Grant latency on a free Lease (claim created -> creator's watch sees Granted)",
         );
+        r.add(String::new());
+        r.header();
+        r.row("leasekeeper grant", &g);
+        r.row("floor: one Lease create", &c);
+        r.row("floor: one Lease update", &u);
+        r.add(String::new());
+        r.add(format!("Grant p50 = {:.1}x one Lease create, p99 = {:.1}x (a grant is at least: claim create, finalizer, Lease create, status write, watch delivery).", g.p50.as_secs_f64() / c.p50.as_secs_f64().max(1e-9), g.p99.as_secs_f64() / c.p99.as_secs_f64().max(1e-9)));
+        r.add(String::new());
+        r.add(format!("API requests per grant (apiserver_request_total deltas, includes the benchmark's own claim create): {grant_cost}"));
+        r.add(String::new());
     }
-    for (what, s) in peer_rows.iter().filter(|(w, _)| w.contains("SIGTERM")) {
-        r.row(what, s);
-    }
-    r.add(String::new());
-    r.add(format!("API requests per handoff (includes the benchmark's own two creates and one delete/patch): {handoff_cost}"));
-    r.add(String::new());
-    r.add("## 3. Failover after holder death");
-    r.add(String::new());
-    r.add("The holder process is SIGKILLed and stops renewing. leasekeeper expires it one lease duration after it last *observed* a renewal (renewals come every third of the duration), so the expected failover lies between 2/3 and 1 duration after the kill.");
-    r.add(String::new());
-    r.header();
-    for (what, s, _) in &failover {
-        r.row(what, s);
-    }
-    for (what, s) in peer_rows.iter().filter(|(w, _)| w.contains("SIGKILL")) {
-        r.row(what, s);
-    }
-    r.add(String::new());
-    for (what, s, d) in &failover {
-        r.add(format!(
-            "- {what}: delay beyond the lease duration at p99 {} ms, max {} ms.",
-            (s.p99.as_millis() as i64) - (d.as_millis() as i64),
-            (s.max.as_millis() as i64) - (d.as_millis() as i64)
-        ));
-    }
-    r.add(String::new());
 
-    // 4. Scale.
-    let (nss, per_ns, per_lease) = if args.smoke { (2, 5, 10) } else { (20, 50, 10) };
-    let (t_settle, t_drain, total) = scale(&client, nss, per_ns, per_lease).await;
-    let (hwm_kb, cpu_s) = proc_stats(op_pid);
-    r.add("## 4. Scale");
-    r.add(String::new());
-    r.add(format!("{total} claims over {} Leases in {nss} namespaces, created as fast as the API server takes them (64 in flight):", nss * per_ns));
-    r.add(String::new());
-    r.add("| measure | value |");
-    r.add("|---|---|");
-    r.add(format!(
-        "| creation start -> every claim Granted or Pending at its true position | {:.1} s |",
-        t_settle.as_secs_f64()
-    ));
-    r.add(format!(
-        "| first release -> every queue drained ({total} grants and releases) | {:.1} s |",
-        t_drain.as_secs_f64()
-    ));
-    r.add(format!(
-        "| operator peak RSS (VmHWM, whole run so far) | {:.1} MiB |",
-        hwm_kb as f64 / 1024.0
-    ));
-    r.add(format!(
-        "| operator CPU (user+system, whole run so far) | {cpu_s:.1} s |"
-    ));
-    r.add(String::new());
+    if on(2) || on(3) {
+        // 2. Handoff after a clean release.
+        let ns = "bench-handoff";
+        namespace(&client, ns).await;
+        let (seen, _w2) = Seen::start(&client, ns).await;
+        let claims: Api<LockClaim> = Api::namespaced(client.clone(), ns);
+        let mut results = Vec::new();
+        let before = apiserver_requests(&client).await;
+        for variant in ["delete", "release"] {
+            let mut v = Vec::new();
+            for i in 0..n {
+                let (a, b, lease) = (
+                    format!("{variant}-a{i}"),
+                    format!("{variant}-b{i}"),
+                    format!("{variant}-{i}"),
+                );
+                claims
+                    .create(
+                        &PostParams::default(),
+                        &LockClaim::new(&a, spec(&lease, Renewal::Holder, 3600)),
+                    )
+                    .await
+                    .expect("a");
+                seen.wait(ns, &a, Phase::Granted, Duration::from_secs(30))
+                    .await;
+                claims
+                    .create(
+                        &PostParams::default(),
+                        &LockClaim::new(&b, spec(&lease, Renewal::Holder, 3600)),
+                    )
+                    .await
+                    .expect("b");
+                seen.wait(ns, &b, Phase::Pending, Duration::from_secs(30))
+                    .await;
+                let t0 = Instant::now();
+                if variant == "delete" {
+                    claims
+                        .delete(&a, &Default::default())
+                        .await
+                        .expect("delete");
+                } else {
+                    claims
+                        .patch(
+                            &a,
+                            &PatchParams::default(),
+                            &Patch::Merge(serde_json::json!({"spec": {"release": true}})),
+                        )
+                        .await
+                        .expect("release");
+                }
+                if let Some(t) = seen
+                    .wait(ns, &b, Phase::Granted, Duration::from_secs(30))
+                    .await
+                {
+                    v.push(t - t0);
+                }
+            }
+            results.push((variant, stats(v)));
+        }
+        let after = apiserver_requests(&client).await;
+        let handoff_cost = delta(&before, &after, 2 * n);
 
-    // 5. Idle cost.
-    let idle_n = if args.smoke { 20 } else { 1000 };
-    let window = if args.smoke {
-        Duration::from_secs(10)
-    } else {
-        Duration::from_secs(60)
-    };
-    r.add("## 5. Idle cost: operator writes while Leases sit held");
-    r.add(String::new());
-    r.add("| renewal | Leases | operator writes per minute (by kind) |");
-    r.add("|---|---|---|");
-    for (renewal, d) in [(Renewal::Holder, 3600), (Renewal::Controller, 15)] {
-        let per_min = idle(&client, &metrics_addr, renewal, d, idle_n, window).await;
-        r.add(format!(
-            "| {renewal:?} (lease {d} s) | {idle_n} | {per_min} |"
-        ));
+        // 3. Failover after holder death, and the client-go peer on the same scenarios.
+        let fail_n = if args.smoke { 3 } else { 100 };
+        let batch = if args.smoke { 3 } else { 25 };
+        let mut failover: Vec<(String, Stats, Duration)> = Vec::new();
+        for d in [4u64, 15] {
+            let v = lk_failover(&client, &args, d, fail_n, batch).await;
+            failover.push((
+                format!(
+                    "leasekeeper, Holder renewal, lease {d} s: holder SIGKILLed -> next Granted"
+                ),
+                stats(v),
+                Duration::from_secs(d),
+            ));
+        }
+        let mut peer_rows: Vec<(String, Stats)> = Vec::new();
+        if let Some(peer) = &args.peer {
+            namespace(&client, "bench-client-go").await;
+            for (label, d, rd, rp) in [
+                ("defaults 15s/10s/2s", 15u64, 10.0, 2.0),
+                ("aggressive 4s/3s/0.5s", 4, 3.0, 0.5),
+            ] {
+                for kill in [false, true] {
+                    let v = peer_run(&args, peer, d, rd, rp, kill, fail_n, batch).await;
+                    let what = if kill {
+                        "leader SIGKILLed -> new OnStartedLeading"
+                    } else {
+                        "leader SIGTERM (ReleaseOnCancel) -> new OnStartedLeading"
+                    };
+                    peer_rows.push((format!("client-go {label}: {what}"), stats(v)));
+                }
+            }
+        }
+        r.add("## 2. Handoff after a clean release (holder releases -> next claimant's watch sees Granted)");
+        r.add(String::new());
+        r.header();
+        for (variant, s) in &results {
+            r.row(
+                &format!(
+                    "leasekeeper, holder {}",
+                    if *variant == "delete" {
+                        "claim deleted"
+                    } else {
+                        "`release: true`"
+                    }
+                ),
+                s,
+            );
+        }
+        for (what, s) in peer_rows.iter().filter(|(w, _)| w.contains("SIGTERM")) {
+            r.row(what, s);
+        }
+        r.add(String::new());
+        r.add(format!("API requests per handoff (includes the benchmark's own two creates and one delete/patch): {handoff_cost}"));
+        r.add(String::new());
+        r.add("## 3. Failover after holder death");
+        r.add(String::new());
+        r.add("The holder process is SIGKILLed and stops renewing. leasekeeper expires it one lease duration after it last *observed* a renewal (renewals come every third of the duration), so the expected failover lies between 2/3 and 1 duration after the kill.");
+        r.add(String::new());
+        r.header();
+        for (what, s, _) in &failover {
+            r.row(what, s);
+        }
+        for (what, s) in peer_rows.iter().filter(|(w, _)| w.contains("SIGKILL")) {
+            r.row(what, s);
+        }
+        r.add(String::new());
+        for (what, s, d) in &failover {
+            r.add(format!(
+                "- {what}: delay beyond the lease duration at p99 {} ms, max {} ms.",
+                (s.p99.as_millis() as i64) - (d.as_millis() as i64),
+                (s.max.as_millis() as i64) - (d.as_millis() as i64)
+            ));
+        }
+        r.add(String::new());
     }
-    r.add(String::new());
+
+    if on(4) {
+        // 4. Scale.
+        let (nss, per_ns, per_lease) = if args.smoke { (2, 5, 10) } else { (20, 50, 10) };
+        let (t_settle, t_drain, total) = scale(&client, nss, per_ns, per_lease).await;
+        let (hwm_kb, cpu_s) = proc_stats(op_pid);
+        r.add("## 4. Scale");
+        r.add(String::new());
+        r.add(format!("{total} claims over {} Leases in {nss} namespaces, created as fast as the API server takes them (64 in flight):", nss * per_ns));
+        r.add(String::new());
+        r.add("| measure | value |");
+        r.add("|---|---|");
+        r.add(format!(
+            "| creation start -> every claim Granted or Pending at its true position | {:.1} s |",
+            t_settle.as_secs_f64()
+        ));
+        r.add(format!(
+            "| first release -> every queue drained ({total} grants and releases) | {:.1} s |",
+            t_drain.as_secs_f64()
+        ));
+        r.add(format!(
+            "| operator peak RSS (VmHWM, whole run so far) | {:.1} MiB |",
+            hwm_kb as f64 / 1024.0
+        ));
+        r.add(format!(
+            "| operator CPU (user+system, whole run so far) | {cpu_s:.1} s |"
+        ));
+        r.add(String::new());
+    }
+
+    if on(5) {
+        // 5. Idle cost.
+        let idle_n = if args.smoke { 20 } else { 1000 };
+        let window = if args.smoke {
+            Duration::from_secs(10)
+        } else {
+            Duration::from_secs(60)
+        };
+        r.add("## 5. Idle cost: operator writes while Leases sit held");
+        r.add(String::new());
+        r.add("| renewal | Leases | operator writes per minute (by kind) |");
+        r.add("|---|---|---|");
+        for (renewal, d) in [(Renewal::Holder, 3600), (Renewal::Controller, 15)] {
+            let per_min = idle(&client, &metrics_addr, renewal, d, idle_n, window).await;
+            r.add(format!(
+                "| {renewal:?} (lease {d} s) | {idle_n} | {per_min} |"
+            ));
+        }
+        r.add(String::new());
+    }
     let _ = op.kill().await;
     if let Some(dir) = args.out.parent() {
         let _ = std::fs::create_dir_all(dir);
@@ -898,17 +914,28 @@ async fn peer_run(
     out
 }
 
-/// Scale: returns (creation start -> settled, release start -> drained, claims).
+/// Scale: returns (creation start -> settled, release start -> drained, claims). The
+/// harness watches its claims (label bench=scale) into a local cache instead of polling
+/// lists, so that it does not load the API server it measures.
 async fn scale(
     client: &Client,
     nss: usize,
     per_ns: usize,
     per_lease: usize,
 ) -> (Duration, Duration, usize) {
+    use kube::runtime::reflector;
     let names: Vec<String> = (0..nss).map(|i| format!("bench-scale-{i:02}")).collect();
     for ns in &names {
         namespace(client, ns).await;
     }
+    let (store, writer) = reflector::store::<LockClaim>();
+    let cfg = watcher::Config::default().labels("bench=scale");
+    let watch = reflector::reflector(writer, watcher(Api::<LockClaim>::all(client.clone()), cfg))
+        .modify(|c| c.metadata.managed_fields = None)
+        .default_backoff()
+        .for_each(|_| futures::future::ready(()));
+    let watch = tokio::spawn(watch);
+    let _ = store.wait_until_ready().await;
     let mut jobs = Vec::new();
     for ns in &names {
         for l in 0..per_ns {
@@ -922,48 +949,45 @@ async fn scale(
     futures::stream::iter(jobs)
         .map(|(ns, lease, name)| {
             let api: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
-            async move {
-                api.create(
-                    &PostParams::default(),
-                    &LockClaim::new(&name, spec(&lease, Renewal::Controller, 3600)),
-                )
-                .await
-            }
+            let mut claim = LockClaim::new(&name, spec(&lease, Renewal::Controller, 3600));
+            claim.metadata.labels = Some([("bench".to_string(), "scale".to_string())].into());
+            async move { api.create(&PostParams::default(), &claim).await }
         })
         .buffer_unordered(64)
         .try_collect::<Vec<_>>()
         .await
         .expect("creates");
     let settle = loop {
-        if settled(client, &names).await.0 {
+        let claims = store.state();
+        if claims.len() == total && settled(&claims) {
             break t0.elapsed();
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let t1 = Instant::now();
+    let mut asked: std::collections::HashSet<(String, String)> = Default::default();
     loop {
-        let mut granted = Vec::new();
-        let mut released = 0;
-        for ns in &names {
-            let api: Api<LockClaim> = Api::namespaced(client.clone(), ns);
-            for c in api
-                .list(&ListParams::default())
-                .await
-                .map(|l| l.items)
-                .unwrap_or_default()
-            {
-                match c.phase() {
-                    Some(Phase::Released) => released += 1,
-                    Some(Phase::Granted) if !c.spec.release => {
-                        granted.push((ns.clone(), c.metadata.name.clone().unwrap_or_default()))
-                    }
-                    _ => {}
-                }
-            }
-        }
-        if released == total {
+        let claims = store.state();
+        if claims
+            .iter()
+            .filter(|c| c.phase() == Some(Phase::Released))
+            .count()
+            == total
+        {
             break;
         }
+        let granted: Vec<(String, String)> = claims
+            .iter()
+            .filter(|c| c.phase() == Some(Phase::Granted))
+            .map(|c| {
+                (
+                    c.metadata.namespace.clone().unwrap_or_default(),
+                    c.metadata.name.clone().unwrap_or_default(),
+                )
+            })
+            .filter(|k| !asked.contains(k))
+            .collect();
+        asked.extend(granted.iter().cloned());
         futures::stream::iter(granted)
             .map(|(ns, name)| {
                 let api: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
@@ -980,53 +1004,45 @@ async fn scale(
             .buffer_unordered(64)
             .collect::<Vec<_>>()
             .await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    watch.abort();
     (settle, t1.elapsed(), total)
 }
 
 /// Every Lease has one Granted claim and its waiting claims hold their true positions.
-async fn settled(client: &Client, names: &[String]) -> (bool, usize) {
-    let mut bad = 0;
-    for ns in names {
-        let api: Api<LockClaim> = Api::namespaced(client.clone(), ns);
-        let items = api
-            .list(&ListParams::default())
-            .await
-            .map(|l| l.items)
-            .unwrap_or_default();
-        let mut by_lease: BTreeMap<String, Vec<LockClaim>> = BTreeMap::new();
-        for c in items {
-            by_lease
-                .entry(c.spec.lease_name.clone())
-                .or_default()
-                .push(c);
-        }
-        for claims in by_lease.values_mut() {
-            let granted = claims
-                .iter()
-                .filter(|c| c.phase() == Some(Phase::Granted))
-                .count();
-            let mut waiting: Vec<&LockClaim> = claims
-                .iter()
-                .filter(|c| c.phase() != Some(Phase::Granted))
-                .collect();
-            waiting.sort_by_key(|c| {
-                (
-                    c.metadata.creation_timestamp.clone().map(|t| t.0),
-                    c.metadata.name.clone(),
-                )
-            });
-            let positions_ok = waiting.iter().enumerate().all(|(i, c)| {
+fn settled(claims: &[Arc<LockClaim>]) -> bool {
+    let mut by_lease: BTreeMap<(String, String), Vec<&LockClaim>> = BTreeMap::new();
+    for c in claims {
+        by_lease
+            .entry((
+                c.metadata.namespace.clone().unwrap_or_default(),
+                c.spec.lease_name.clone(),
+            ))
+            .or_default()
+            .push(c);
+    }
+    by_lease.values().all(|claims| {
+        let granted = claims
+            .iter()
+            .filter(|c| c.phase() == Some(Phase::Granted))
+            .count();
+        let mut waiting: Vec<&&LockClaim> = claims
+            .iter()
+            .filter(|c| c.phase() != Some(Phase::Granted))
+            .collect();
+        waiting.sort_by_key(|c| {
+            (
+                c.metadata.creation_timestamp.clone().map(|t| t.0),
+                c.metadata.name.clone(),
+            )
+        });
+        granted == 1
+            && waiting.iter().enumerate().all(|(i, c)| {
                 c.phase() == Some(Phase::Pending)
                     && c.status.as_ref().and_then(|s| s.queue_position) == Some(i as i32 + 1)
-            });
-            if granted != 1 || !positions_ok {
-                bad += 1;
-            }
-        }
-    }
-    (bad == 0, bad)
+            })
+    })
 }
 
 /// Operator writes per minute while `n` Leases are held and nothing happens.

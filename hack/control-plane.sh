@@ -5,6 +5,7 @@
 #   hack/control-plane.sh up   [DIR]     start etcd + kube-apiserver, write DIR/kubeconfig
 #   hack/control-plane.sh down [DIR]     stop exactly the processes `up` started in DIR
 #   hack/control-plane.sh env  [DIR]     print `export ...` lines for DIR
+#   hack/control-plane.sh restart DIR apiserver|etcd   restart one daemon in place
 #   hack/control-plane.sh bin            print the directory that holds the binaries
 #
 # DIR defaults to $LK_PLANE_DIR or ./.plane. Several DIRs may run side by side: every
@@ -70,6 +71,38 @@ build_helm() {
   "$BIN/helm" version --short
 }
 
+# setsid: each daemon leads its own process group, so a Ctrl-C in the caller's
+# terminal does not reach it and `down` can stop it (and only it) by pid.
+start_daemon() {
+  local w=$1 name=$2
+  chmod +x "$w/start-$name.sh"
+  setsid "$w/start-$name.sh" >>"$w/$name.log" 2>&1 </dev/null &
+  echo $! >"$w/$name.pid"
+}
+
+wait_ready() {
+  local w=$1 i
+  for i in $(seq 240); do
+    if curl -fsS --cacert "$w/pki/ca.crt" --cert "$w/pki/admin.crt" --key "$w/pki/admin.key" \
+      "https://127.0.0.1:$(cat "$w/apiserver.port")/readyz" >/dev/null 2>&1; then
+      return 0
+    fi
+    alive "$w/apiserver.pid" || return 1
+    sleep 0.25
+  done
+  return 1
+}
+
+# restart DIR apiserver|etcd: stop one daemon and start it again as it was.
+restart() {
+  local w=$1 name=$2
+  [ -f "$w/start-$name.sh" ] || die "no $name started in $w"
+  stop_pid "$w/$name.pid"
+  start_daemon "$w" "$name"
+  if [ "$name" = apiserver ]; then wait_ready "$w" || die "kube-apiserver did not come back; see $w/apiserver.log"; fi
+  log "restarted $name in $w"
+}
+
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -97,21 +130,27 @@ up() {
   o rsa -in "$p/sa.key" -pubout -out "$p/sa.pub"
   local nofsync=
   "$BIN/etcd" --help 2>&1 | grep -q unsafe-no-fsync && nofsync=--unsafe-no-fsync=true
-  # setsid: each daemon leads its own process group, so a Ctrl-C in the caller's
-  # terminal does not reach it and `down` can stop it (and only it) by pid.
-  setsid "$BIN/etcd" --name lk --data-dir "$w/etcd" \
-    --listen-client-urls "http://127.0.0.1:$ep" --advertise-client-urls "http://127.0.0.1:$ep" \
-    --listen-peer-urls "http://127.0.0.1:$pp" --initial-advertise-peer-urls "http://127.0.0.1:$pp" \
-    --initial-cluster "lk=http://127.0.0.1:$pp" $nofsync >"$w/etcd.log" 2>&1 </dev/null &
-  echo $! >"$w/etcd.pid"
+  # Each daemon's command line is kept in a start script, so `restart` brings it back
+  # with the same ports, certificates and data.
+  cat >"$w/start-etcd.sh" <<EOS
+#!/usr/bin/env bash
+exec "$BIN/etcd" --name lk --data-dir "$w/etcd" \\
+  --listen-client-urls "http://127.0.0.1:$ep" --advertise-client-urls "http://127.0.0.1:$ep" \\
+  --listen-peer-urls "http://127.0.0.1:$pp" --initial-advertise-peer-urls "http://127.0.0.1:$pp" \\
+  --initial-cluster "lk=http://127.0.0.1:$pp" $nofsync
+EOS
+  start_daemon "$w" etcd
   echo "$ep" >"$w/etcd.port"
-  setsid "$BIN/kube-apiserver" --etcd-servers="http://127.0.0.1:$ep" --bind-address=127.0.0.1 --secure-port="$ap" \
-    --cert-dir="$p" --tls-cert-file="$p/srv.crt" --tls-private-key-file="$p/srv.key" --client-ca-file="$p/ca.crt" \
-    --authorization-mode=RBAC --service-account-issuer="https://127.0.0.1:$ap/" \
-    --service-account-key-file="$p/sa.pub" --service-account-signing-key-file="$p/sa.key" \
-    --service-cluster-ip-range=10.0.0.0/24 --allow-privileged=true \
-    --disable-admission-plugins=ServiceAccount ${LK_APISERVER_EXTRA_ARGS:-} >"$w/apiserver.log" 2>&1 </dev/null &
-  echo $! >"$w/apiserver.pid"
+  cat >"$w/start-apiserver.sh" <<EOS
+#!/usr/bin/env bash
+exec "$BIN/kube-apiserver" --etcd-servers="http://127.0.0.1:$ep" --bind-address=127.0.0.1 --secure-port="$ap" \\
+  --cert-dir="$p" --tls-cert-file="$p/srv.crt" --tls-private-key-file="$p/srv.key" --client-ca-file="$p/ca.crt" \\
+  --authorization-mode=RBAC --service-account-issuer="https://127.0.0.1:$ap/" \\
+  --service-account-key-file="$p/sa.pub" --service-account-signing-key-file="$p/sa.key" \\
+  --service-cluster-ip-range=10.0.0.0/24 --allow-privileged=true \\
+  --disable-admission-plugins=ServiceAccount ${LK_APISERVER_EXTRA_ARGS:-}
+EOS
+  start_daemon "$w" apiserver
   echo "$ap" >"$w/apiserver.port"
   b64() { base64 -w0 "$1"; }
   cat >"$w/kubeconfig" <<EOC
@@ -122,16 +161,10 @@ users: [{name: leasekeeper-admin, user: {client-certificate-data: $(b64 "$p/admi
 contexts: [{name: leasekeeper-test, context: {cluster: leasekeeper-test, user: leasekeeper-admin, namespace: default}}]
 current-context: leasekeeper-test
 EOC
-  local i
-  for i in $(seq 240); do
-    if curl -fsS --cacert "$p/ca.crt" --cert "$p/admin.crt" --key "$p/admin.key" \
-      "https://127.0.0.1:$ap/readyz" >/dev/null 2>&1; then
-      log "ready: https://127.0.0.1:$ap (etcd 127.0.0.1:$ep), dir $w"
-      return 0
-    fi
-    if ! alive "$w/apiserver.pid"; then break; fi
-    sleep 0.25
-  done
+  if wait_ready "$w"; then
+    log "ready: https://127.0.0.1:$ap (etcd 127.0.0.1:$ep), dir $w"
+    return 0
+  fi
   log "kube-apiserver did not become ready; last lines of $w/apiserver.log:"
   tail -40 "$w/apiserver.log" >&2 || true
   log "last lines of $w/etcd.log:"; tail -10 "$w/etcd.log" >&2 || true
@@ -167,6 +200,7 @@ envlines() {
 cmd=${1:-}; dir=${2:-${LK_PLANE_DIR:-.plane}}
 case "$cmd" in
   build) build_etcd; build_helm; build_k8s ;;
+  restart) restart "$dir" "${3:?restart DIR apiserver|etcd}" ;;
   up) up "$dir" ;;
   down) down "$dir" ;;
   env) envlines "$dir" ;;

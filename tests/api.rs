@@ -102,22 +102,26 @@ fn path_str(p: &Path) -> &str {
 
 /// Each `tests/bad-input/*.yaml` starts with `# expect: TEXT`. A file with one document
 /// must be rejected on create; a file with two documents creates the first and must
-/// have the second (an update) rejected. The error must contain TEXT.
-#[tokio::test]
-async fn every_bad_input_is_rejected_with_its_message() {
+/// have the second (an update) rejected. The error must contain TEXT. All of it runs in
+/// one namespace watched by an operator, which must still grant a normal claim after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_input_is_rejected_with_its_message_and_the_operator_carries_on() {
     let client = support::client().await;
     let files = yaml_files("tests/bad-input");
-    assert!(files.len() >= 20, "at least 20 bad-input manifests");
+    assert!(files.len() >= 40, "at least 40 bad-input manifests");
+    let ns = support::namespace(&client, "api-bad").await;
+    let _op = support::Operator::start(&client, &ns, Duration::from_secs(300)).await;
     let scratch = tempdir();
-    for file in files {
-        let text = std::fs::read_to_string(&file).expect("readable");
+    for (i, file) in files.iter().enumerate() {
+        let text = std::fs::read_to_string(file).expect("readable");
         let expect = text
             .lines()
             .find_map(|l| l.strip_prefix("# expect: "))
             .unwrap_or_else(|| panic!("{} has no '# expect:' line", file.display()))
             .to_string();
+        // One namespace for the whole corpus: give each file's object its own name.
+        let text = text.replace("name: bad}", &format!("name: bad-{i:02}}}"));
         let docs: Vec<&str> = text.split("\n---\n").collect();
-        let ns = support::namespace(&client, "api-bad").await;
         let (setup, bad) = match docs.as_slice() {
             [bad] => (None, *bad),
             [setup, bad] => (Some(*setup), *bad),
@@ -143,6 +147,15 @@ async fn every_bad_input_is_rejected_with_its_message() {
             file.display()
         );
     }
+    let api: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
+    support::create_claim(&api, "normal", support::spec("after-corpus")).await;
+    support::wait_phase(
+        &api,
+        "normal",
+        leasekeeper::api::Phase::Granted,
+        Duration::from_secs(20),
+    )
+    .await;
 }
 
 fn tempdir() -> PathBuf {

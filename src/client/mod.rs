@@ -119,6 +119,9 @@ pub struct AcquireOptions {
     /// Declare the lock lost when renewals have failed this long (default: 2/3 of the
     /// lease duration; must be shorter than it).
     pub renew_deadline: Option<Duration>,
+    /// Shift the renewTime this guard writes (only for testing clock skew: the
+    /// operator must not care what the holder's clock says).
+    pub renew_time_skew: jiff::SignedDuration,
     /// Own the claim by the current Pod (`POD_NAME` and `POD_UID` set), so the garbage
     /// collector releases the lock when the Pod goes.
     pub owner_pod: bool,
@@ -135,6 +138,7 @@ impl Default for AcquireOptions {
             lock_delay: Duration::ZERO,
             wait: None,
             renew_deadline: None,
+            renew_time_skew: jiff::SignedDuration::ZERO,
             owner_pod: true,
         }
     }
@@ -286,6 +290,7 @@ impl LockClient {
                 identity.clone(),
                 opts.lease_duration / 3,
                 renew_deadline,
+                opts.renew_time_skew,
                 lost_tx.clone(),
             )));
         }
@@ -366,6 +371,7 @@ async fn renew(
     identity: String,
     every: Duration,
     deadline: Duration,
+    skew: jiff::SignedDuration,
     lost: Arc<watch::Sender<Option<LostReason>>>,
 ) {
     let mut last_ok = tokio::time::Instant::now();
@@ -380,7 +386,8 @@ async fn renew(
                 return Some(Err(holder));
             }
             if let Some(s) = l.spec.as_mut() {
-                s.renew_time = Some(MicroTime(Timestamp::now()));
+                let now = Timestamp::now();
+                s.renew_time = Some(MicroTime(now.checked_add(skew).unwrap_or(now)));
             }
             api.replace(&lease, &PostParams::default(), &l)
                 .await

@@ -124,6 +124,20 @@ impl RunConfig {
     }
 }
 
+/// Negative controls of the chaos run: deliberately broken behaviour, compiled only
+/// with the `chaos-negative-controls` feature and chosen by `LEASEKEEPER_BREAK`.
+#[cfg(feature = "chaos-negative-controls")]
+pub(crate) fn broken(what: &str) -> bool {
+    std::env::var("LEASEKEEPER_BREAK").is_ok_and(|v| v.split(',').any(|x| x == what))
+}
+
+/// Without the `chaos-negative-controls` feature nothing is ever broken.
+#[cfg(not(feature = "chaos-negative-controls"))]
+#[inline(always)]
+pub(crate) fn broken(_what: &str) -> bool {
+    false
+}
+
 /// The key of one arbitration: a Lease name in a namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LeaseKey {
@@ -209,6 +223,14 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         renew_deadline: cfg.leader_renew_deadline,
         retry_period: cfg.leader_retry_period,
     };
+    if broken("non-leader-writes") {
+        tracing::warn!("NEGATIVE CONTROL: acting without leadership");
+        metrics.leader.set(1);
+        return tokio::select! {
+            res = controller(client, cfg, metrics, readiness) => res,
+            _ = shutdown_signal() => Ok(()),
+        };
+    }
     tracing::info!(identity = %election.identity, lease = %election.name, namespace = %election.namespace, "waiting for leadership");
     let mut leadership = tokio::select! {
         l = election.acquire(client.clone()) => l?,
@@ -295,35 +317,39 @@ pub async fn controller(
     });
 
     let c = ctx.clone();
-    let claim_watch =
-        reflector::reflector(claim_writer, watcher(claim_api, watcher::Config::default()))
-            .default_backoff()
-            .for_each(move |ev| {
-                match ev {
-                    Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                        claim_seen(&c, &o, false)
-                    }
-                    Ok(watcher::Event::Delete(o)) => claim_seen(&c, &o, true),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "LockClaim watch error; retrying"),
-                }
-                futures::future::ready(())
-            });
+    let claim_watch = reflector::reflector(
+        claim_writer,
+        watcher(claim_api, watcher::Config::default()).modify(slim),
+    )
+    .default_backoff()
+    .for_each(move |ev| {
+        match ev {
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                claim_seen(&c, &o, false)
+            }
+            Ok(watcher::Event::Delete(o)) => claim_seen(&c, &o, true),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "LockClaim watch error; retrying"),
+        }
+        futures::future::ready(())
+    });
     let c = ctx.clone();
-    let lease_watch =
-        reflector::reflector(lease_writer, watcher(lease_api, watcher::Config::default()))
-            .default_backoff()
-            .for_each(move |ev| {
-                match ev {
-                    Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                        lease_seen(&c, &o, false)
-                    }
-                    Ok(watcher::Event::Delete(o)) => lease_seen(&c, &o, true),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "Lease watch error; retrying"),
-                }
-                futures::future::ready(())
-            });
+    let lease_watch = reflector::reflector(
+        lease_writer,
+        watcher(lease_api, watcher::Config::default()).modify(slim),
+    )
+    .default_backoff()
+    .for_each(move |ev| {
+        match ev {
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                lease_seen(&c, &o, false)
+            }
+            Ok(watcher::Event::Delete(o)) => lease_seen(&c, &o, true),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "Lease watch error; retrying"),
+        }
+        futures::future::ready(())
+    });
 
     let c = ctx.clone();
     let dispatcher = async move {
@@ -380,6 +406,12 @@ fn claim_seen(ctx: &Context, claim: &LockClaim, deleted: bool) {
         }
     }
     ctx.queue.now(key);
+}
+
+/// Drops what the arbiter never reads before an object enters the cache:
+/// managedFields are most of an object's size (and of the operator's memory).
+fn slim<K: kube::Resource>(o: &mut K) {
+    o.meta_mut().managed_fields = None;
 }
 
 /// Once the watch delivers our own write (or anything later), the cache has caught up.
@@ -496,6 +528,26 @@ async fn reconcile(ctx: &Arc<Context>, key: &LeaseKey) -> Result<Option<Duration
         return Ok(Some(Duration::from_secs(1)));
     }
 
+    let (claims, lease) = if broken("skip-lock-delay") {
+        let claims: Vec<Arc<LockClaim>> = claims
+            .iter()
+            .map(|c| {
+                let mut c = (**c).clone();
+                c.spec.lock_delay_seconds = 0;
+                Arc::new(c)
+            })
+            .collect();
+        let lease = lease.map(|l| {
+            let mut l = (*l).clone();
+            if let Some(a) = l.metadata.annotations.as_mut() {
+                a.remove(arbiter::LOCK_DELAY_ANNOTATION);
+            }
+            Arc::new(l)
+        });
+        (claims, lease)
+    } else {
+        (claims, lease)
+    };
     let now = arbiter::Now {
         wall: jiff::Timestamp::now(),
         mono: ctx.mono(),

@@ -1,0 +1,941 @@
+//! lk-chaos: a reproducible fault-injection run with a mutual-exclusion checker.
+//!
+//! `lk-chaos run` starts operator replicas (leader election) and holder processes on a
+//! real control plane, injects faults on a seeded schedule, records every LockClaim and
+//! Lease state it observes, and checks the history and the fenced registers:
+//! (a) two Granted claims for one Lease at any observed moment; (b) a Lease naming
+//! someone other than its Granted claim once settled; (c) a grant whose fencing token is
+//! not above every earlier one for that Lease; (d) a register write accepted with a
+//! stale token; (e) a claim lost; (f) totals. Exits non-zero on any violation.
+//!
+//! `lk-chaos holder` is one holder process: acquire, write the fenced register, hold,
+//! release, repeat.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Config, ResourceExt};
+use leasekeeper::api::{LockClaim, Phase};
+use leasekeeper::client::{AcquireOptions, LockClient};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::time::Instant;
+
+#[derive(Parser, Debug)]
+#[command(about = "leasekeeper chaos run")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// The whole run.
+    Run(RunArgs),
+    /// One holder process.
+    Holder(HolderArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct RunArgs {
+    /// Control-plane directory (hack/control-plane.sh up DIR was run).
+    #[arg(long)]
+    plane: PathBuf,
+    /// Directory with the leasekeeper binary (built with --features chaos-negative-controls).
+    #[arg(long)]
+    bin: PathBuf,
+    /// Seed of the fault schedule (printed; the same seed replays the same schedule).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// How long faults are injected.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Leases.
+    #[arg(long, default_value_t = 5)]
+    leases: usize,
+    /// Holder processes per Lease.
+    #[arg(long, default_value_t = 4)]
+    holders: usize,
+    /// Operator replicas.
+    #[arg(long, default_value_t = 3)]
+    replicas: usize,
+    /// Mean seconds between faults.
+    #[arg(long, default_value_t = 1.0)]
+    fault_every: f64,
+    /// Negative control: LEASEKEEPER_BREAK for the operators, or "holder-ignores-lost".
+    #[arg(long = "break")]
+    break_: Option<String>,
+    /// Markdown summary output.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct HolderArgs {
+    #[arg(long)]
+    kubeconfig: PathBuf,
+    #[arg(long)]
+    namespace: String,
+    #[arg(long)]
+    lease: String,
+    #[arg(long)]
+    identity: String,
+    #[arg(long)]
+    seed: u64,
+    /// Lease duration (seconds).
+    #[arg(long, default_value_t = 2)]
+    ttl: u64,
+    /// Seconds the holder's renewTime is shifted by (clock skew).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    skew: i64,
+    /// Negative control: keep writing after lost(), without the fence check.
+    #[arg(long)]
+    ignore_lost: bool,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Holder(a) => {
+            holder(a).await;
+            std::process::ExitCode::SUCCESS
+        }
+        Cmd::Run(a) => run(a).await,
+    }
+}
+
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return String::new();
+    };
+    let _ = s
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await;
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body).await;
+    body.split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
+}
+
+async fn client_for(path: &PathBuf) -> Client {
+    let kc = Kubeconfig::read_from(path).expect("kubeconfig");
+    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("config");
+    Client::try_from(cfg).expect("client")
+}
+
+// ---------------------------------------------------------------------------------
+// The fenced register: a ConfigMap per Lease with the highest token accepted and an
+// append-only log. A write is a conditional update (resourceVersion) that is refused
+// when its token is below the stored one.
+
+/// Every holder's claim asks for this lock delay after an expiry.
+const LOCK_DELAY: Duration = Duration::from_secs(1);
+
+const MAX_KEY: &str = "maxToken";
+const LOG_KEY: &str = "log";
+const REFUSED_KEY: &str = "refused";
+
+#[derive(Debug, PartialEq)]
+enum Write {
+    Accepted,
+    Refused,
+}
+
+/// `fenced == false` is the negative control: write without checking the token.
+async fn register_write(
+    api: &Api<ConfigMap>,
+    name: &str,
+    token: i64,
+    who: &str,
+    fenced: bool,
+) -> Option<Write> {
+    for _ in 0..20 {
+        let mut cm = match api.get_opt(name).await {
+            Ok(Some(cm)) => cm,
+            Ok(None) => {
+                let cm = ConfigMap {
+                    metadata: ObjectMeta {
+                        name: Some(name.into()),
+                        ..ObjectMeta::default()
+                    },
+                    data: Some([(MAX_KEY.to_string(), "0".to_string())].into()),
+                    ..ConfigMap::default()
+                };
+                let _ = api.create(&PostParams::default(), &cm).await;
+                continue;
+            }
+            Err(_) => return None,
+        };
+        let data = cm.data.get_or_insert_with(Default::default);
+        let max: i64 = data.get(MAX_KEY).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let result = if fenced && token < max {
+            let refused = data.entry(REFUSED_KEY.into()).or_default();
+            refused.push_str(&format!("{token} {who} (max {max})\n"));
+            Write::Refused
+        } else {
+            data.insert(MAX_KEY.into(), max.max(token).to_string());
+            let log = data.entry(LOG_KEY.into()).or_default();
+            log.push_str(&format!("{token} {who}\n"));
+            Write::Accepted
+        };
+        match api.replace(name, &PostParams::default(), &cm).await {
+            Ok(_) => return Some(result),
+            Err(kube::Error::Api(s)) if s.code == 409 => continue,
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+async fn holder(a: HolderArgs) {
+    let client = client_for(&a.kubeconfig).await;
+    let locks = LockClient::new(client.clone(), &a.namespace);
+    let regs: Api<ConfigMap> = Api::namespaced(client, &a.namespace);
+    let reg = format!("reg-{}", a.lease);
+    let mut rng = StdRng::seed_from_u64(a.seed);
+    loop {
+        let opts = AcquireOptions {
+            identity: Some(a.identity.clone()),
+            lease_duration: Duration::from_secs(a.ttl),
+            wait: Some(Duration::from_secs(30)),
+            renew_time_skew: jiff::SignedDuration::from_secs(a.skew),
+            lock_delay: LOCK_DELAY,
+            owner_pod: false,
+            ..AcquireOptions::default()
+        };
+        let guard = match locks.acquire(&a.lease, opts).await {
+            Ok(g) => g,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let token = guard.fencing_token();
+        let hold = Duration::from_millis(rng.random_range(50..600));
+        let until = Instant::now() + hold;
+        let mut lost = false;
+        while Instant::now() < until {
+            tokio::select! {
+                _ = guard.lost(), if !lost => {
+                    lost = true;
+                    if !a.ignore_lost {
+                        break;
+                    }
+                }
+                _ = async {
+                    register_write(&regs, &reg, token, &a.identity, !(a.ignore_lost && lost)).await;
+                    tokio::time::sleep(Duration::from_millis(60)).await;
+                } => {}
+            }
+        }
+        if lost && a.ignore_lost {
+            // The negative control keeps writing a while after it lost the lock.
+            for _ in 0..10 {
+                register_write(&regs, &reg, token, &a.identity, false).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let _ = guard.release().await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..200))).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The run.
+
+#[derive(Clone, Debug)]
+struct Obs {
+    at: Instant,
+    reason: Option<String>,
+    kind: &'static str,
+    name: String,
+    rv: u64,
+    lease: String,
+    phase: Option<Phase>,
+    token: Option<i64>,
+    holder: Option<String>,
+    deleted: bool,
+}
+
+type History = Arc<Mutex<Vec<Obs>>>;
+
+async fn record(client: Client, ns: String, history: History) {
+    let claims: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
+    let leases: Api<Lease> = Api::namespaced(client, &ns);
+    let h = history.clone();
+    let a = watcher(claims, watcher::Config::default())
+        .default_backoff()
+        .for_each(move |ev| {
+            let (c, deleted) = match ev {
+                Ok(watcher::Event::Apply(c) | watcher::Event::InitApply(c)) => (Some(c), false),
+                Ok(watcher::Event::Delete(c)) => (Some(c), true),
+                _ => (None, false),
+            };
+            if let Some(c) = c {
+                h.lock().expect("lock").push(Obs {
+                    at: Instant::now(),
+                    reason: c.condition("Granted").map(|x| x.reason.clone()),
+                    kind: "LockClaim",
+                    name: c.name_any(),
+                    rv: c
+                        .resource_version()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0),
+                    lease: c.spec.lease_name.clone(),
+                    phase: c.phase(),
+                    token: c.status.as_ref().and_then(|s| s.fencing_token),
+                    holder: Some(c.identity()),
+                    deleted,
+                });
+            }
+            futures::future::ready(())
+        });
+    let h = history;
+    let b = watcher(leases, watcher::Config::default())
+        .default_backoff()
+        .for_each(move |ev| {
+            let (l, deleted) = match ev {
+                Ok(watcher::Event::Apply(l) | watcher::Event::InitApply(l)) => (Some(l), false),
+                Ok(watcher::Event::Delete(l)) => (Some(l), true),
+                _ => (None, false),
+            };
+            if let Some(l) = l {
+                h.lock().expect("lock").push(Obs {
+                    at: Instant::now(),
+                    reason: None,
+                    kind: "Lease",
+                    name: l.name_any(),
+                    rv: l
+                        .resource_version()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0),
+                    lease: l.name_any(),
+                    phase: None,
+                    token: None,
+                    holder: l
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.holder_identity.clone())
+                        .filter(|h| !h.is_empty()),
+                    deleted,
+                });
+            }
+            futures::future::ready(())
+        });
+    tokio::join!(a, b);
+}
+
+struct Replica {
+    child: tokio::process::Child,
+    identity: String,
+    metrics: String,
+}
+
+fn spawn_replica(a: &RunArgs, identity: &str, ns: &str) -> Replica {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(format!("target/chaos-{identity}.log"))
+        .expect("log");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let metrics = format!("127.0.0.1:{port}");
+    let mut cmd = tokio::process::Command::new(a.bin.join("leasekeeper"));
+    cmd.args([
+        "run",
+        "--leader-elect",
+        "--leader-namespace",
+        ns,
+        "--watch-namespace",
+        ns,
+        "--identity",
+        identity,
+    ])
+    .args(["--metrics-addr", &metrics, "--gc-grace", "3s"])
+    .args([
+        "--leader-lease-duration",
+        "3s",
+        "--leader-renew-deadline",
+        "2s",
+        "--leader-retry-period",
+        "300ms",
+    ])
+    .env("KUBECONFIG", a.plane.join("kubeconfig"))
+    .env("RUST_LOG", "warn")
+    .stdout(Stdio::null())
+    .stderr(log)
+    .kill_on_drop(true);
+    if let Some(b) = a.break_.as_deref().filter(|b| *b != "holder-ignores-lost") {
+        cmd.env("LEASEKEEPER_BREAK", b);
+    }
+    Replica {
+        child: cmd.spawn().expect("leasekeeper"),
+        identity: identity.into(),
+        metrics,
+    }
+}
+
+struct HolderProc {
+    child: tokio::process::Child,
+    paused: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_holder(
+    a: &RunArgs,
+    ns: &str,
+    lease: &str,
+    identity: &str,
+    seed: u64,
+    skew: i64,
+    ignore_lost: bool,
+) -> HolderProc {
+    let exe = std::env::current_exe().expect("exe");
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.args([
+        "holder",
+        "--namespace",
+        ns,
+        "--lease",
+        lease,
+        "--identity",
+        identity,
+    ])
+    .args([
+        "--seed",
+        &seed.to_string(),
+        "--ttl",
+        "2",
+        "--skew",
+        &skew.to_string(),
+    ])
+    .arg("--kubeconfig")
+    .arg(a.plane.join("kubeconfig"))
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .kill_on_drop(true);
+    if ignore_lost {
+        cmd.arg("--ignore-lost");
+    }
+    HolderProc {
+        child: cmd.spawn().expect("holder"),
+        paused: false,
+    }
+}
+
+fn signal(child: &tokio::process::Child, sig: nix::sys::signal::Signal) {
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+    }
+}
+
+async fn plane(args: &RunArgs, what: &str) -> bool {
+    tokio::process::Command::new("hack/control-plane.sh")
+        .args(["restart"])
+        .arg(&args.plane)
+        .arg(what)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success())
+}
+
+async fn run(a: RunArgs) -> std::process::ExitCode {
+    let seed = a
+        .seed
+        .unwrap_or_else(|| jiff::Timestamp::now().as_nanosecond() as u64);
+    println!("lk-chaos: seed {seed} (replay with --seed {seed})");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let client = client_for(&a.plane.join("kubeconfig")).await;
+    let ns = format!("chaos-{}", seed % 100_000);
+    let _ = Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: ObjectMeta {
+                    name: Some(ns.clone()),
+                    ..ObjectMeta::default()
+                },
+                ..Namespace::default()
+            },
+        )
+        .await;
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> = Api::all(client.clone());
+    crds.patch(
+        "lockclaims.leasekeeper.io",
+        &PatchParams::apply("lk-chaos").force(),
+        &Patch::Apply(leasekeeper::api::crd()),
+    )
+    .await
+    .expect("CRD");
+    leasekeeper::controller::wait_for_crd(client.clone(), Duration::from_secs(60))
+        .await
+        .expect("CRD established");
+
+    let history: History = Arc::default();
+    let recorder = tokio::spawn(record(client.clone(), ns.clone(), history.clone()));
+    let mut replicas: Vec<Replica> = (0..a.replicas)
+        .map(|i| spawn_replica(&a, &format!("op-{i}"), &ns))
+        .collect();
+    let ignore = a.break_.as_deref() == Some("holder-ignores-lost");
+    let mut holders: Vec<(String, HolderProc)> = Vec::new();
+    for l in 0..a.leases {
+        for h in 0..a.holders {
+            let skew = match h % 3 {
+                0 => 0,
+                1 => -600,
+                _ => 600,
+            };
+            let lease = format!("lock-{l}");
+            // In the holder-side control one holder per Lease ignores lost().
+            holders.push((
+                lease.clone(),
+                spawn_holder(
+                    &a,
+                    &ns,
+                    &lease,
+                    &format!("h{l}-{h}"),
+                    rng.random(),
+                    skew,
+                    ignore && h == 0,
+                ),
+            ));
+        }
+    }
+
+    // Faults on a seeded schedule.
+    let mut faults: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let started = Instant::now();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let claims: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
+    while started.elapsed() < a.duration {
+        let wait = Duration::from_secs_f64(rng.random_range(0.2..(2.0 * a.fault_every).max(0.3)));
+        tokio::time::sleep(wait).await;
+        let kind = rng.random_range(0..9);
+        let done: &'static str = match kind {
+            0 => {
+                // SIGKILL the leader replica, restart it as a fresh process.
+                let leader = leases
+                    .get_opt("leasekeeper-leader")
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|l| l.spec?.holder_identity);
+                if let Some(i) = replicas
+                    .iter()
+                    .position(|r| Some(&r.identity) == leader.as_ref())
+                {
+                    let _ = replicas[i].child.start_kill();
+                    let _ = replicas[i].child.wait().await;
+                    let id = replicas[i].identity.clone();
+                    replicas[i] = spawn_replica(&a, &id, &ns);
+                }
+                "kill leader replica"
+            }
+            1 => {
+                let i = rng.random_range(0..replicas.len());
+                let _ = replicas[i].child.start_kill();
+                let _ = replicas[i].child.wait().await;
+                let id = replicas[i].identity.clone();
+                replicas[i] = spawn_replica(&a, &id, &ns);
+                "kill random replica"
+            }
+            2 | 3 => {
+                // Pause a holder past its TTL (2 s), then let it wake believing it holds.
+                let i = rng.random_range(0..holders.len());
+                if !holders[i].1.paused {
+                    signal(&holders[i].1.child, nix::sys::signal::Signal::SIGSTOP);
+                    holders[i].1.paused = true;
+                    let pause = Duration::from_millis(rng.random_range(2500..4000));
+                    tokio::time::sleep(pause).await;
+                    signal(&holders[i].1.child, nix::sys::signal::Signal::SIGCONT);
+                    holders[i].1.paused = false;
+                }
+                "pause holder past TTL"
+            }
+            4 => {
+                if plane(&a, "apiserver").await {
+                    "restart kube-apiserver"
+                } else {
+                    "restart kube-apiserver (failed)"
+                }
+            }
+            5 => {
+                if plane(&a, "etcd").await {
+                    "restart etcd"
+                } else {
+                    "restart etcd (failed)"
+                }
+            }
+            6 => {
+                // A third party deletes a claim.
+                let list = claims
+                    .list(&Default::default())
+                    .await
+                    .map(|l| l.items)
+                    .unwrap_or_default();
+                let live: Vec<&LockClaim> = list
+                    .iter()
+                    .filter(|c| !c.phase().is_some_and(Phase::is_terminal))
+                    .collect();
+                if !live.is_empty() {
+                    let c = live[rng.random_range(0..live.len())];
+                    let _ = claims.delete(&c.name_any(), &Default::default()).await;
+                }
+                "third party deletes a claim"
+            }
+            7 => {
+                // A third party edits a Lease: takes it for an intruder, or deletes it.
+                let l = format!("lock-{}", rng.random_range(0..a.leases));
+                if rng.random_bool(0.5) {
+                    if let Ok(Some(mut lease)) = leases.get_opt(&l).await {
+                        if let Some(s) = lease.spec.as_mut() {
+                            s.holder_identity = Some("intruder".into());
+                            s.renew_time =
+                                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                                    jiff::Timestamp::now(),
+                                ));
+                        }
+                        let _ = leases.replace(&l, &PostParams::default(), &lease).await;
+                    }
+                    "third party takes a Lease"
+                } else {
+                    let _ = leases.delete(&l, &Default::default()).await;
+                    "third party deletes a Lease"
+                }
+            }
+            _ => {
+                // Skewed clocks run all along (a third of the holders are 10 min behind,
+                // a third ahead); this slot restarts one such holder for good measure.
+                let i = rng.random_range(0..holders.len());
+                let _ = holders[i].1.child.start_kill();
+                let _ = holders[i].1.child.wait().await;
+                let lease = holders[i].0.clone();
+                let id = format!("{}-r{}", lease, rng.random_range(0..1_000_000));
+                holders[i].1 = spawn_holder(
+                    &a,
+                    &ns,
+                    &lease,
+                    &id,
+                    rng.random(),
+                    if rng.random_bool(0.5) { -600 } else { 600 },
+                    false,
+                );
+                "kill holder (skewed replacement)"
+            }
+        };
+        *faults.entry(done).or_default() += 1;
+    }
+
+    // A replica that is not the leader must have written nothing.
+    let mut non_leader_writes = Vec::new();
+    for r in &replicas {
+        let text = http_get(&r.metrics, "/metrics").await;
+        let leader = text
+            .lines()
+            .find(|l| l.starts_with("leasekeeper_leader "))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        let writes: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("leasekeeper_api_writes_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if leader == Some(0.0) && writes > 0.0 {
+            non_leader_writes.push(format!(
+                "{} wrote {writes} times while not leading",
+                r.identity
+            ));
+        }
+    }
+
+    // Settle: stop the holders (they release), let the operator finish.
+    for (_, h) in &mut holders {
+        signal(&h.child, nix::sys::signal::Signal::SIGCONT);
+        let _ = h.child.start_kill();
+    }
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let mut report = check(&client, &ns, &history, a.leases).await;
+    report
+        .violations
+        .insert("(g) a non-leader replica wrote", non_leader_writes);
+    recorder.abort();
+    for r in &mut replicas {
+        let _ = r.child.start_kill();
+    }
+
+    let mut out = Vec::new();
+    out.push(format!("# lk-chaos summary (seed {seed})"));
+    out.push(String::new());
+    out.push(format!(
+        "{} Leases, {} holders each, {} operator replicas, {:?} of faults{}.",
+        a.leases,
+        a.holders,
+        a.replicas,
+        a.duration,
+        a.break_
+            .as_deref()
+            .map(|b| format!(", NEGATIVE CONTROL {b}"))
+            .unwrap_or_default()
+    ));
+    out.push(String::new());
+    out.push("| check | violations |".into());
+    out.push("|---|---|".into());
+    for (name, v) in &report.violations {
+        out.push(format!("| {name} | {} |", v.len()));
+    }
+    out.push(String::new());
+    out.push("| total | count |".into());
+    out.push("|---|---|".into());
+    for (k, v) in &report.totals {
+        out.push(format!("| {k} | {v} |"));
+    }
+    for (k, v) in &faults {
+        out.push(format!("| fault: {k} | {v} |"));
+    }
+    let text = out.join("\n");
+    println!("{text}");
+    for (name, v) in &report.violations {
+        for e in v.iter().take(5) {
+            println!("  {name}: {e}");
+        }
+    }
+    if let Some(p) = &a.out {
+        let _ = std::fs::write(p, text + "\n");
+    }
+    let total: usize = report.violations.values().map(Vec::len).sum();
+    if total > 0 {
+        println!("lk-chaos: {total} violation(s) (seed {seed})");
+        std::process::ExitCode::FAILURE
+    } else {
+        println!("lk-chaos: no violations (seed {seed})");
+        std::process::ExitCode::SUCCESS
+    }
+}
+
+struct Report {
+    violations: BTreeMap<&'static str, Vec<String>>,
+    totals: BTreeMap<&'static str, usize>,
+}
+
+async fn check(client: &Client, ns: &str, history: &History, leases: usize) -> Report {
+    let obs = history.lock().expect("lock").clone();
+    let mut v: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
+    for k in [
+        "(a) two Granted at once",
+        "(a) a Granted claim its Lease does not name",
+        "(b) Lease disagrees once settled",
+        "(c) fencing token not increasing",
+        "(c) grant inside the lock delay after an expiry",
+        "(d) register accepted a stale token",
+        "(e) claim lost",
+    ] {
+        v.insert(k, Vec::new());
+    }
+    let mut totals: BTreeMap<&'static str, usize> = BTreeMap::new();
+
+    // (a) and (c), replaying the claims' watch stream in order.
+    let mut latest: HashMap<String, Obs> = HashMap::new();
+    let mut max_token: HashMap<String, i64> = HashMap::new();
+    for o in obs.iter().filter(|o| o.kind == "LockClaim") {
+        let prev = latest.get(&o.name).and_then(|p| p.phase);
+        if o.phase == Some(Phase::Granted) && prev != Some(Phase::Granted) && !o.deleted {
+            *totals.entry("grants").or_default() += 1;
+            let t = o.token.unwrap_or(0);
+            let m = max_token.entry(o.lease.clone()).or_insert(0);
+            if t <= *m {
+                v.get_mut("(c) fencing token not increasing")
+                    .expect("key")
+                    .push(format!("{} on {} got {t} after {m}", o.name, o.lease));
+            }
+            *m = (*m).max(t);
+        }
+        if o.phase == Some(Phase::Expired) && prev != Some(Phase::Expired) {
+            *totals.entry("expiries").or_default() += 1;
+        }
+        if o.phase == Some(Phase::Released) && prev == Some(Phase::Granted) {
+            *totals.entry("releases of a held lock").or_default() += 1;
+        }
+        if o.deleted {
+            latest.remove(&o.name);
+        } else {
+            latest.insert(o.name.clone(), o.clone());
+        }
+        let mut per: HashMap<&str, Vec<&str>> = HashMap::new();
+        for c in latest.values().filter(|c| c.phase == Some(Phase::Granted)) {
+            per.entry(c.lease.as_str())
+                .or_default()
+                .push(c.name.as_str());
+        }
+        for (lease, names) in per {
+            if names.len() > 1 {
+                v.get_mut("(a) two Granted at once")
+                    .expect("key")
+                    .push(format!("{lease}: {names:?} (rv {})", o.rv));
+            }
+        }
+    }
+    *totals.entry("states observed").or_default() += obs.len();
+
+    // Claims and Leases together, in resourceVersion order (one etcd revision counter):
+    // a Granted claim must be named by its Lease, unless a third party just wrote it.
+    let mut merged: Vec<&Obs> = obs.iter().collect();
+    merged.sort_by_key(|o| o.rv);
+    let mut claims_now: HashMap<&str, &Obs> = HashMap::new();
+    let mut lease_now: HashMap<&str, &Obs> = HashMap::new();
+    let mut last_expiry: HashMap<&str, Instant> = HashMap::new();
+    for o in &merged {
+        match o.kind {
+            "Lease" => {
+                lease_now.insert(o.name.as_str(), o);
+            }
+            _ => {
+                let prev = claims_now.get(o.name.as_str()).and_then(|p| p.phase);
+                if o.phase == Some(Phase::Expired)
+                    && prev == Some(Phase::Granted)
+                    && o.reason.as_deref() != Some("LeaseLost")
+                {
+                    last_expiry.insert(o.lease.as_str(), o.at);
+                }
+                if o.phase == Some(Phase::Granted) && prev != Some(Phase::Granted) {
+                    if let Some(t) = last_expiry.get(o.lease.as_str()) {
+                        if o.at.saturating_duration_since(*t) + Duration::from_millis(250)
+                            < LOCK_DELAY
+                        {
+                            v.get_mut("(c) grant inside the lock delay after an expiry")
+                                .expect("key")
+                                .push(format!(
+                                    "{} on {} granted {:?} after an expiry",
+                                    o.name,
+                                    o.lease,
+                                    o.at.saturating_duration_since(*t)
+                                ));
+                        }
+                    }
+                }
+                if o.deleted {
+                    claims_now.remove(o.name.as_str());
+                } else {
+                    claims_now.insert(o.name.as_str(), o);
+                }
+            }
+        }
+        if o.kind == "LockClaim" && o.phase == Some(Phase::Granted) && !o.deleted {
+            let lease = lease_now.get(o.lease.as_str());
+            let third_party =
+                lease.is_none_or(|l| l.deleted || l.holder.as_deref() == Some("intruder"));
+            if !third_party && lease.and_then(|l| l.holder.as_deref()) != o.holder.as_deref() {
+                v.get_mut("(a) a Granted claim its Lease does not name")
+                    .expect("key")
+                    .push(format!(
+                        "{} Granted (rv {}) while Lease {} names {:?}",
+                        o.name,
+                        o.rv,
+                        o.lease,
+                        lease.and_then(|l| l.holder.clone())
+                    ));
+            }
+        }
+    }
+
+    // (b) and (e), on the settled state.
+    let claims: Vec<LockClaim> = Api::<LockClaim>::namespaced(client.clone(), ns)
+        .list(&Default::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
+    let lease_api: Api<Lease> = Api::namespaced(client.clone(), ns);
+    for l in 0..leases {
+        let name = format!("lock-{l}");
+        let lease = lease_api.get_opt(&name).await.ok().flatten();
+        let holder = lease
+            .as_ref()
+            .and_then(|l| l.spec.as_ref())
+            .and_then(|s| s.holder_identity.clone())
+            .filter(|h| !h.is_empty());
+        let granted: Vec<&LockClaim> = claims
+            .iter()
+            .filter(|c| c.spec.lease_name == name && c.phase() == Some(Phase::Granted))
+            .collect();
+        match (granted.as_slice(), holder.as_deref()) {
+            ([], None) | ([], Some("intruder")) => {}
+            ([c], Some(h)) if c.identity() == h => {}
+            (g, h) => v
+                .get_mut("(b) Lease disagrees once settled")
+                .expect("key")
+                .push(format!(
+                    "{name}: Lease names {h:?}, Granted {:?}",
+                    g.iter().map(|c| c.name_any()).collect::<Vec<_>>()
+                )),
+        }
+    }
+    for c in &claims {
+        if c.metadata.deletion_timestamp.is_some()
+            || c.phase().is_some_and(Phase::is_terminal)
+            || c.phase() == Some(Phase::Granted)
+        {
+            continue;
+        }
+        if c.phase() != Some(Phase::Pending)
+            || c.status.as_ref().and_then(|s| s.queue_position).is_none()
+        {
+            v.get_mut("(e) claim lost").expect("key").push(format!(
+                "{} is {:?} without a queue position",
+                c.name_any(),
+                c.phase()
+            ));
+        }
+    }
+
+    // (d) registers: tokens in each accepted log never go down.
+    let regs: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    for l in 0..leases {
+        let Ok(Some(cm)) = regs.get_opt(&format!("reg-lock-{l}")).await else {
+            continue;
+        };
+        let data = cm.data.unwrap_or_default();
+        let mut max = 0i64;
+        for line in data.get(LOG_KEY).map(String::as_str).unwrap_or("").lines() {
+            let t: i64 = line
+                .split(' ')
+                .next()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0);
+            *totals.entry("register writes accepted").or_default() += 1;
+            if t < max {
+                v.get_mut("(d) register accepted a stale token")
+                    .expect("key")
+                    .push(format!("reg-lock-{l}: {line} after token {max}"));
+            }
+            max = max.max(t);
+        }
+        *totals
+            .entry("register writes refused (stale token)")
+            .or_default() += data
+            .get(REFUSED_KEY)
+            .map(|r| r.lines().count())
+            .unwrap_or(0);
+    }
+    Report {
+        violations: v,
+        totals,
+    }
+}
