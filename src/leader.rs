@@ -103,10 +103,19 @@ impl ElectionConfig {
         let cfg = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
         let mut changes = watcher(api.clone(), cfg).default_backoff().boxed();
         loop {
-            let current = api.get_opt(&self.name).await.map_err(|e| self.err(e))?;
+            // A follower rides out API errors (an API server restart, say): it retries
+            // every retry period instead of exiting.
+            let current = match api.get_opt(&self.name).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %self.err(e), "leader election: cannot read the Lease; retrying");
+                    tokio::time::sleep(self.retry_period).await;
+                    continue;
+                }
+            };
             let now = Instant::now();
             let won = match current {
-                None => self.try_write(&api, None).await?,
+                None => self.try_write(&api, None).await,
                 Some(lease) => {
                     let h = holder(&lease).map(str::to_string);
                     let r = lease
@@ -130,13 +139,21 @@ impl ElectionConfig {
                         || h.as_deref() == Some(self.identity.as_str())
                         || now >= since + duration;
                     if free {
-                        self.try_write(&api, Some(lease)).await?
+                        self.try_write(&api, Some(lease)).await
                     } else {
                         // Wait for the Lease to change (release, renewal) or to run out.
                         let wake = since + duration;
                         let _ = tokio::time::timeout_at(wake, changes.next()).await;
-                        false
+                        Ok(false)
                     }
+                }
+            };
+            let won = match won {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(error = %e, "leader election: cannot write the Lease; retrying");
+                    tokio::time::sleep(self.retry_period).await;
+                    false
                 }
             };
             if won {

@@ -459,6 +459,11 @@ impl Guard {
         }
     }
 
+    /// Whether the lock is known to be lost, without waiting.
+    pub fn is_lost(&self) -> Option<LostReason> {
+        self.lost_rx.borrow().clone()
+    }
+
     /// Resolves when the lock is lost (never, while it is held).
     pub async fn lost(&self) -> LostReason {
         let mut rx = self.lost_rx.clone();

@@ -167,8 +167,10 @@ pub async fn execute(
     let mut last_lease: Option<Lease> = lease.cloned();
     let mut last_lease_rv: Option<i64> = None;
 
-    for step in &plan.steps {
+    let steps = sabotage(&plan.steps, lease);
+    for step in steps.iter() {
         match step {
+            Step::VerifyLease { .. } if super::broken("no-precondition") => {}
             Step::VerifyLease { resource_version } => {
                 let fresh = lease_api.get_opt(&key.name).await.map_err(|source| {
                     Error::LeaseReadFailed {
@@ -251,12 +253,35 @@ pub async fn execute(
                 note_claim(&mut rvs, &mut written, claim, obj.resource_version());
             }
             Step::WriteLease { kind, lease } => {
-                let result = match kind {
-                    LeaseWriteKind::Create => lease_api.create(&PostParams::default(), lease).await,
-                    _ => {
-                        lease_api
-                            .replace(&key.name, &PostParams::default(), lease)
-                            .await
+                let result = if super::broken("no-precondition") {
+                    // NEGATIVE CONTROL: write whatever is there, with no precondition.
+                    let mut l = (**lease).clone();
+                    l.metadata.resource_version = None;
+                    match lease_api.create(&PostParams::default(), &l).await {
+                        Err(kube::Error::Api(s)) if s.code == 409 => {
+                            match lease_api.get_opt(&key.name).await {
+                                Ok(Some(cur)) => {
+                                    l.metadata.resource_version = cur.metadata.resource_version;
+                                    lease_api
+                                        .replace(&key.name, &PostParams::default(), &l)
+                                        .await
+                                }
+                                Ok(None) => lease_api.create(&PostParams::default(), &l).await,
+                                Err(e) => Err(e),
+                            }
+                        }
+                        other => other,
+                    }
+                } else {
+                    match kind {
+                        LeaseWriteKind::Create => {
+                            lease_api.create(&PostParams::default(), lease).await
+                        }
+                        _ => {
+                            lease_api
+                                .replace(&key.name, &PostParams::default(), lease)
+                                .await
+                        }
                     }
                 };
                 let obj = result.map_err(|e| {
@@ -334,6 +359,47 @@ pub async fn execute(
         }
     }
     Ok(written)
+}
+
+/// The plan as the negative controls break it (unchanged unless a control is on):
+/// `grant-before-lease` marks the new holder Granted before the Lease is written.
+fn sabotage<'a>(steps: &'a [Step], lease: Option<&Lease>) -> std::borrow::Cow<'a, [Step]> {
+    if !super::broken("grant-before-lease") {
+        return std::borrow::Cow::Borrowed(steps);
+    }
+    let mut out: Vec<Step> = steps.to_vec();
+    let write = out.iter().position(|s| {
+        matches!(
+            s,
+            Step::WriteLease {
+                kind: LeaseWriteKind::Create | LeaseWriteKind::Grant,
+                ..
+            }
+        )
+    });
+    let grant = out.iter().position(|s| {
+        matches!(
+            s,
+            Step::SetStatus {
+                fill_token: true,
+                ..
+            }
+        )
+    });
+    if let (Some(w), Some(g)) = (write, grant) {
+        let mut step = out.remove(g);
+        if let Step::SetStatus {
+            status, fill_token, ..
+        } = &mut step
+        {
+            *fill_token = false;
+            status.fencing_token = lease
+                .and_then(|l| l.metadata.resource_version.as_ref())
+                .and_then(|v| v.parse().ok());
+        }
+        out.insert(w, step);
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 fn note_claim(

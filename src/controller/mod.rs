@@ -224,10 +224,20 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         retry_period: cfg.leader_retry_period,
     };
     if broken("non-leader-writes") {
+        // The election still runs (and the leader gauge tells the truth); the
+        // controller just does not wait for it.
         tracing::warn!("NEGATIVE CONTROL: acting without leadership");
-        metrics.leader.set(1);
+        let elect = async {
+            if let Ok(mut l) = election.clone().acquire(client.clone()).await {
+                metrics.leader.set(1);
+                l.lost().await;
+                metrics.leader.set(0);
+            }
+            std::future::pending::<()>().await
+        };
         return tokio::select! {
-            res = controller(client, cfg, metrics, readiness) => res,
+            res = controller(client.clone(), cfg, metrics.clone(), readiness) => res,
+            _ = elect => Ok(()),
             _ = shutdown_signal() => Ok(()),
         };
     }
