@@ -646,3 +646,41 @@ async fn e2e_13_conditions_follow_metav1_condition_semantics() {
         "moved on the flip to True"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_14_a_lease_deleted_by_hand_while_held_is_reported_not_crashed_on() {
+    let client = support::client().await;
+    let ns = support::namespace(&client, "e2e-handdelete").await;
+    let _op = Operator::start(&client, &ns, GC).await;
+    let api: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
+    create_claim(&api, "held", spec("fragile")).await;
+    wait_phase(&api, "held", Phase::Granted, T).await;
+    create_claim(&api, "next", spec("fragile")).await;
+    wait_phase(&api, "next", Phase::Pending, T).await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    leases
+        .delete("fragile", &DeleteParams::default())
+        .await
+        .expect("delete the Lease by hand");
+    let c = wait_phase(&api, "held", Phase::Expired, T).await;
+    assert_eq!(
+        c.condition(CONDITION_GRANTED).map(|x| x.reason.as_str()),
+        Some("LeaseLost")
+    );
+    wait_phase(&api, "next", Phase::Granted, T).await;
+    let (ok, out, _) = support::kubectl_run(&[
+        "get",
+        "events",
+        "-n",
+        &ns,
+        "--field-selector",
+        "type=Warning",
+        "-o",
+        "json",
+    ]);
+    assert!(ok);
+    assert!(
+        out.contains("\"held\"") && out.contains("outside leasekeeper"),
+        "a Warning Event on the claim: {out}"
+    );
+}
