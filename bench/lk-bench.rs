@@ -17,7 +17,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Config};
 use leasekeeper::api::{LockClaim, LockClaimSpec, Phase, Renewal};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncBufReadExt;
 use tokio::time::Instant;
 
 #[derive(Parser, Debug)]
@@ -202,21 +202,6 @@ async fn namespace(client: &Client, name: &str) {
         .await;
 }
 
-async fn http_get(addr: &str, path: &str) -> String {
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
-        return String::new();
-    };
-    let _ = s
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await;
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body).await;
-    body.split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// Sums of `apiserver_request_total` by (verb, resource[/subresource]) for our resources.
 async fn apiserver_requests(client: &Client) -> BTreeMap<String, f64> {
     let req = http::Request::get("/metrics")
@@ -341,17 +326,9 @@ async fn main() {
     let mut r = Report { lines: Vec::new() };
 
     // The CRD, as the operator needs it.
-    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> = Api::all(client.clone());
-    crds.patch(
-        "lockclaims.leasekeeper.io",
-        &PatchParams::apply("lk-bench").force(),
-        &Patch::Apply(leasekeeper::api::crd()),
-    )
-    .await
-    .expect("CRD applied");
-    leasekeeper::controller::wait_for_crd(client.clone(), Duration::from_secs(60))
+    leasekeeper::controller::install_crd(client.clone(), "lk-bench", Duration::from_secs(60))
         .await
-        .expect("CRD established");
+        .expect("CRD installed");
 
     // The operator under test, as its own process.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -382,7 +359,7 @@ async fn main() {
     let op_pid = op.id().unwrap_or_default();
     let mut ready = false;
     for _ in 0..300 {
-        if http_get(&metrics_addr, "/readyz").await == "ready" {
+        if leasekeeper::telemetry::scrape(&metrics_addr, "/readyz").await == "ready" {
             ready = true;
             break;
         }
@@ -1091,12 +1068,12 @@ async fn idle(
     // Let the grant burst finish before counting.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let a = operator_metric(
-        &http_get(metrics_addr, "/metrics").await,
+        &leasekeeper::telemetry::scrape(metrics_addr, "/metrics").await,
         "leasekeeper_api_writes_total",
     );
     tokio::time::sleep(window).await;
     let b = operator_metric(
-        &http_get(metrics_addr, "/metrics").await,
+        &leasekeeper::telemetry::scrape(metrics_addr, "/metrics").await,
         "leasekeeper_api_writes_total",
     );
     let mut parts = Vec::new();

@@ -21,7 +21,7 @@ use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
-use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Config, ResourceExt};
@@ -113,22 +113,6 @@ async fn main() -> std::process::ExitCode {
         }
         Cmd::Run(a) => run(a).await,
     }
-}
-
-async fn http_get(addr: &str, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
-        return String::new();
-    };
-    let _ = s
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await;
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body).await;
-    body.split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string()
 }
 
 async fn client_for(path: &PathBuf) -> Client {
@@ -508,17 +492,9 @@ async fn run(a: RunArgs) -> std::process::ExitCode {
             },
         )
         .await;
-    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> = Api::all(client.clone());
-    crds.patch(
-        "lockclaims.leasekeeper.io",
-        &PatchParams::apply("lk-chaos").force(),
-        &Patch::Apply(leasekeeper::api::crd()),
-    )
-    .await
-    .expect("CRD");
-    leasekeeper::controller::wait_for_crd(client.clone(), Duration::from_secs(60))
+    leasekeeper::controller::install_crd(client.clone(), "lk-chaos", Duration::from_secs(60))
         .await
-        .expect("CRD established");
+        .expect("CRD installed");
 
     let history: History = Arc::default();
     let recorder = tokio::spawn(record(client.clone(), ns.clone(), history.clone()));
@@ -740,7 +716,7 @@ async fn run(a: RunArgs) -> std::process::ExitCode {
     // A replica that is not the leader must have written nothing.
     let mut non_leader_writes = Vec::new();
     for r in replicas.lock().await.iter() {
-        let text = http_get(&r.metrics, "/metrics").await;
+        let text = leasekeeper::telemetry::scrape(&r.metrics, "/metrics").await;
         let leader = text
             .lines()
             .find(|l| l.starts_with("leasekeeper_leader "))

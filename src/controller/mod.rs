@@ -48,6 +48,9 @@ pub enum RunError {
     /// A watch stream ended, which only happens when the process is stopping.
     #[error("the {0} watch ended")]
     WatchEnded(&'static str),
+    /// Applying the CRD failed.
+    #[error("cannot apply the LockClaim CRD: {0}")]
+    CrdInstall(#[source] kube::Error),
     /// Leader election failed.
     #[error(transparent)]
     Election(#[from] crate::leader::ElectionError),
@@ -658,6 +661,21 @@ fn record(ctx: &Context, key: &LeaseKey, plan: &arbiter::Plan) {
             }
         }
     }
+}
+
+/// Applies the LockClaim CRD (server-side, as `manager`) and waits until it is
+/// Established: how the harnesses prepare a fresh control plane.
+pub async fn install_crd(client: Client, manager: &str, timeout: Duration) -> Result<(), RunError> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let params = kube::api::PatchParams::apply(manager).force();
+    crds.patch(
+        LockClaim::crd_name(),
+        &params,
+        &kube::api::Patch::Apply(crate::api::crd()),
+    )
+    .await
+    .map_err(RunError::CrdInstall)?;
+    wait_for_crd(client, timeout).await
 }
 
 /// Waits until the LockClaim CRD is Established (instead of crash-looping before it is).
