@@ -103,6 +103,10 @@ fn run(w: &mut World, op: &Op) {
             if *dup {
                 s.holder_identity = Some("dup".into());
             }
+            // A new claim is a new life for its identity: a holder registered as healthy
+            // for an earlier claim (another duration) no longer describes it.
+            let identity = s.holder_identity.clone().unwrap_or_else(|| name(*id));
+            w.healthy.remove(&identity);
             w.create(&name(*id), s);
         }
         Op::Delete(id) => w.delete(&name(*id)),
@@ -126,7 +130,9 @@ fn run(w: &mut World, op: &Op) {
             let d = Duration::from_secs(u64::try_from(c.spec.lease_duration_seconds).unwrap_or(1));
             let every = (d * u32::from(*every_pct) / 100).max(Duration::from_millis(1));
             let identity = c.identity();
-            if w.healthy.contains_key(&identity) {
+            // "Healthy" is relative to the duration of the grant it renews: an identity
+            // shared by several claims (with other durations) has no single rate.
+            if w.healthy.contains_key(&identity) || c.spec.holder_identity.is_some() {
                 return;
             }
             w.renew(&identity, *skew);
