@@ -717,18 +717,14 @@ async fn run(a: RunArgs) -> std::process::ExitCode {
     let mut non_leader_writes = Vec::new();
     for r in replicas.lock().await.iter() {
         let text = leasekeeper::telemetry::scrape(&r.metrics, "/metrics").await;
-        let leader = text
+        let wrote: f64 = text
             .lines()
-            .find(|l| l.starts_with("leasekeeper_leader "))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
-        let writes: f64 = text
-            .lines()
-            .filter(|l| l.starts_with("leasekeeper_api_writes_total"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
-        if leader == Some(0.0) && writes > 0.0 {
+            .find(|l| l.starts_with("leasekeeper_writes_while_not_leading_total "))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0);
+        if wrote > 0.0 {
             non_leader_writes.push(format!(
-                "{} wrote {writes} times while not leading",
+                "{} wrote {wrote} times while not leading",
                 r.identity
             ));
         }

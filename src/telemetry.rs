@@ -139,6 +139,8 @@ pub struct Metrics {
     pub gc_deleted: Counter,
     /// API writes, by kind.
     pub writes: Family<WriteLabel, Counter>,
+    /// API writes made while this replica did not lead (must stay 0 with leader election).
+    pub writes_not_leading: Counter,
     registry: Registry,
 }
 
@@ -170,6 +172,7 @@ impl Metrics {
             leader: Gauge::default(),
             gc_deleted: Counter::default(),
             writes: Family::default(),
+            writes_not_leading: Counter::default(),
             registry: Registry::with_prefix("leasekeeper"),
         };
         let r = &mut m.registry;
@@ -217,12 +220,20 @@ impl Metrics {
             m.gc_deleted.clone(),
         );
         r.register("api_writes", "API writes made, by kind", m.writes.clone());
+        r.register(
+            "writes_while_not_leading",
+            "API writes made while this replica was not the leader",
+            m.writes_not_leading.clone(),
+        );
         m
     }
 
     /// Counts one write.
     pub fn write(&self, kind: WriteKind) {
         self.writes.get_or_create(&WriteLabel { kind }).inc();
+        if self.leader.get() == 0 {
+            self.writes_not_leading.inc();
+        }
     }
 
     /// The metrics in Prometheus text format.
