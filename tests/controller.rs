@@ -407,7 +407,7 @@ async fn e2e_08_an_outsiders_lease_is_respected_while_renewed_then_taken_over() 
     let l = leases.get("legacy").await.expect("lease");
     assert_eq!(holder_of(&l).as_deref(), Some("mine"));
     assert_eq!(transitions(&l), 5);
-    let evs = support::events(&ns);
+    let evs = support::wait_event(&ns, "LockClaim", Some("mine"), "TakenOver").await;
     assert!(
         evs.iter()
             .any(|(k, n, r)| k == "LockClaim" && n == "mine" && r == "TakenOver"),
@@ -464,7 +464,7 @@ async fn e2e_10_unused_leases_are_collected_tokens_keep_rising_and_finished_clai
         t0.elapsed() >= Duration::from_millis(1500),
         "collected before the grace period"
     );
-    let evs = support::events(&ns);
+    let evs = support::wait_event(&ns, "Lease", None, "LeaseGarbageCollected").await;
     assert!(
         evs.iter()
             .any(|(k, _, r)| k == "Lease" && r == "LeaseGarbageCollected"),

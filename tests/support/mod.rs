@@ -518,3 +518,25 @@ pub fn spawn_operator(kubeconfig: &Path, name: &str, args: &[&str]) -> std::proc
         .spawn()
         .expect("leasekeeper starts")
 }
+
+/// Waits up to 10 s for an Event (kind, name, reason) in `ns`: Events are published
+/// after the writes they describe. Returns every Event seen.
+pub async fn wait_event(
+    ns: &str,
+    kind: &str,
+    name: Option<&str>,
+    reason: &str,
+) -> Vec<(String, String, String)> {
+    let mut evs = events(ns);
+    for _ in 0..100 {
+        if evs
+            .iter()
+            .any(|(k, n, r)| k == kind && name.is_none_or(|x| x == n) && r == reason)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        evs = events(ns);
+    }
+    evs
+}
