@@ -564,14 +564,12 @@ async fn run(a: RunArgs) -> std::process::ExitCode {
                     .flatten()
                     .and_then(|l| l.spec?.holder_identity);
                 let mut reps = replicas.lock().await;
-                if let Some(i) = reps
-                    .iter()
-                    .position(|r| Some(&r.identity) == leader.as_ref())
+                // SIGKILL only: the supervisor brings it back, as kubelet would.
+                if let Some(r) = reps
+                    .iter_mut()
+                    .find(|r| Some(&r.identity) == leader.as_ref())
                 {
-                    let _ = reps[i].child.start_kill();
-                    let _ = reps[i].child.wait().await;
-                    let id = reps[i].identity.clone();
-                    reps[i] = spawn_replica(&a, &id, &ns);
+                    let _ = r.child.start_kill();
                 }
                 "kill leader replica"
             }
@@ -579,9 +577,6 @@ async fn run(a: RunArgs) -> std::process::ExitCode {
                 let mut reps = replicas.lock().await;
                 let i = rng.random_range(0..reps.len());
                 let _ = reps[i].child.start_kill();
-                let _ = reps[i].child.wait().await;
-                let id = reps[i].identity.clone();
-                reps[i] = spawn_replica(&a, &id, &ns);
                 "kill random replica"
             }
             9 => {
