@@ -6,7 +6,8 @@
 //! (a) two Granted claims for one Lease at any observed moment; (b) a Lease naming
 //! someone other than its Granted claim once settled; (c) a grant whose fencing token is
 //! not above every earlier one for that Lease; (d) a register write accepted with a
-//! stale token; (e) a claim lost; (f) totals. Exits non-zero on any violation.
+//! stale token; (e) a claim lost; (f) totals; (g) a write by a replica that was not
+//! leading; (h) a healthy holder expired. Exits non-zero on any violation.
 //!
 //! `lk-chaos holder` is one holder process: acquire, write the fenced register, hold,
 //! release, repeat.
@@ -72,6 +73,11 @@ struct RunArgs {
     /// Mean seconds between faults.
     #[arg(long, default_value_t = 1.0)]
     fault_every: f64,
+    /// Inject only these fault kinds (comma-separated; default: all). Kinds:
+    /// kill-leader, kill-replica, pause-holder, restart-apiserver, restart-etcd,
+    /// delete-claim, edit-lease, skewed-holder, pause-leader, stall-lease-watch.
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(FAULT_KINDS))]
+    faults: Vec<String>,
     /// Negative control: LEASEKEEPER_BREAK for the operators, or "holder-ignores-lost".
     #[arg(long = "break")]
     break_: Option<String>,
@@ -127,6 +133,21 @@ async fn client_for(path: &PathBuf) -> Client {
 // The fenced register: a ConfigMap per Lease with the highest token accepted and an
 // append-only log. A write is a conditional update (resourceVersion) that is refused
 // when its token is below the stored one.
+
+/// The fault kinds, by their index in the schedule (pause-holder has two slots).
+const FAULT_KINDS: [&str; 11] = [
+    "kill-leader",
+    "kill-replica",
+    "pause-holder",
+    "pause-holder",
+    "restart-apiserver",
+    "restart-etcd",
+    "delete-claim",
+    "edit-lease",
+    "skewed-holder",
+    "pause-leader",
+    "stall-lease-watch",
+];
 
 /// Every holder's claim asks for this lock delay after an expiry.
 const LOCK_DELAY: Duration = Duration::from_secs(1);
@@ -215,10 +236,15 @@ async fn holder(a: HolderArgs) {
         // before each one; the negative control ignores it and, once it has lost the
         // lock, goes on writing without the fence check.
         // The control works longer, so that it is still working when its loss shows.
-        let writes = if a.ignore_lost {
-            rng.random_range(20..40)
+        // Most holds are short; some span several renewals (2.4-4.8 s against a 2 s
+        // TTL renewed every 0.67 s), so that expiry is judged on holders that renew.
+        let long = !a.ignore_lost && rng.random_bool(0.15);
+        let (writes, gap) = if a.ignore_lost {
+            (rng.random_range(20..40), 60)
+        } else if long {
+            (rng.random_range(8..16), 300)
         } else {
-            rng.random_range(1..10)
+            (rng.random_range(1..10), 60)
         };
         for _ in 0..writes {
             if guard.is_lost().is_some() && !a.ignore_lost {
@@ -226,7 +252,7 @@ async fn holder(a: HolderArgs) {
             }
             let fenced = !(a.ignore_lost && guard.is_lost().is_some());
             register_write(&regs, &reg, token, &a.identity, fenced).await;
-            tokio::time::sleep(Duration::from_millis(60)).await;
+            tokio::time::sleep(Duration::from_millis(gap)).await;
         }
         if a.ignore_lost && guard.is_lost().is_some() {
             for _ in 0..40 {
@@ -246,7 +272,6 @@ async fn holder(a: HolderArgs) {
 struct Obs {
     /// Part of a re-list (after a watch restart): a snapshot, not an event in time.
     init: bool,
-    at: Instant,
     reason: Option<String>,
     kind: &'static str,
     name: String,
@@ -256,6 +281,14 @@ struct Obs {
     token: Option<i64>,
     holder: Option<String>,
     deleted: bool,
+    /// When the recorder saw it (wall clock: the same clock the holders and the
+    /// operator use on this machine).
+    wall: jiff::Timestamp,
+    /// A Lease's renewTime and leaseDurationSeconds.
+    renew: Option<jiff::Timestamp>,
+    duration: Option<i32>,
+    /// A claim's status.expireTime.
+    expire: Option<jiff::Timestamp>,
 }
 
 type History = Arc<Mutex<Vec<Obs>>>;
@@ -263,7 +296,6 @@ type History = Arc<Mutex<Vec<Obs>>>;
 fn marker(kind: &'static str) -> Obs {
     Obs {
         init: true,
-        at: Instant::now(),
         reason: None,
         kind,
         name: String::new(),
@@ -273,6 +305,10 @@ fn marker(kind: &'static str) -> Obs {
         token: None,
         holder: None,
         deleted: false,
+        wall: jiff::Timestamp::now(),
+        renew: None,
+        duration: None,
+        expire: None,
     }
 }
 
@@ -300,7 +336,6 @@ async fn record(client: Client, ns: String, history: History) {
             if let Some(c) = c {
                 h.lock().expect("lock").push(Obs {
                     init,
-                    at: Instant::now(),
                     reason: c.condition("Granted").map(|x| x.reason.clone()),
                     kind: "LockClaim",
                     name: c.name_any(),
@@ -313,6 +348,14 @@ async fn record(client: Client, ns: String, history: History) {
                     token: c.status.as_ref().and_then(|s| s.fencing_token),
                     holder: Some(c.identity()),
                     deleted,
+                    wall: jiff::Timestamp::now(),
+                    renew: None,
+                    duration: None,
+                    expire: c
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.expire_time.as_ref())
+                        .map(|t| t.0),
                 });
             }
             futures::future::ready(())
@@ -330,7 +373,6 @@ async fn record(client: Client, ns: String, history: History) {
             if let Some(l) = l {
                 h.lock().expect("lock").push(Obs {
                     init,
-                    at: Instant::now(),
                     reason: None,
                     kind: "Lease",
                     name: l.name_any(),
@@ -347,6 +389,14 @@ async fn record(client: Client, ns: String, history: History) {
                         .and_then(|s| s.holder_identity.clone())
                         .filter(|h| !h.is_empty()),
                     deleted,
+                    wall: jiff::Timestamp::now(),
+                    renew: l
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.renew_time.as_ref())
+                        .map(|t| t.0),
+                    duration: l.spec.as_ref().and_then(|s| s.lease_duration_seconds),
+                    expire: None,
                 });
             }
             futures::future::ready(())
@@ -479,7 +529,9 @@ async fn run(a: RunArgs) -> std::process::ExitCode {
     println!("lk-chaos: seed {seed} (replay with --seed {seed})");
     let mut rng = StdRng::seed_from_u64(seed);
     let client = client_for(&a.plane.join("kubeconfig")).await;
-    let ns = format!("chaos-{}", seed % 100_000);
+    // A namespace of its own per run: registers and Leases left by an earlier run on
+    // the same control plane must not count in this one.
+    let ns = format!("chaos-{}-{}", seed % 100_000, std::process::id());
     let _ = Api::<Namespace>::all(client.clone())
         .create(
             &PostParams::default(),
@@ -546,6 +598,9 @@ async fn run(a: RunArgs) -> std::process::ExitCode {
 
     // Faults on a seeded schedule.
     let mut faults: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let allowed: Vec<usize> = (0..FAULT_KINDS.len())
+        .filter(|i| a.faults.iter().any(|f| f == FAULT_KINDS[*i]))
+        .collect();
     let started = Instant::now();
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let claims: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
@@ -553,7 +608,11 @@ async fn run(a: RunArgs) -> std::process::ExitCode {
         let wait = Duration::from_secs_f64(rng.random_range(0.2..(2.0 * a.fault_every).max(0.3)));
         tokio::time::sleep(wait).await;
 
-        let kind = rng.random_range(0..10);
+        let kind = if allowed.is_empty() {
+            rng.random_range(0..FAULT_KINDS.len())
+        } else {
+            allowed[rng.random_range(0..allowed.len())]
+        };
         let done: &'static str = match kind {
             0 => {
                 // SIGKILL the leader replica, restart it as a fresh process.
@@ -578,6 +637,27 @@ async fn run(a: RunArgs) -> std::process::ExitCode {
                 let i = rng.random_range(0..reps.len());
                 let _ = reps[i].child.start_kill();
                 "kill random replica"
+            }
+            10 => {
+                // The leader's Lease watch lags (3 s, past the holders' 2 s TTL) while
+                // its API calls still work: its Lease cache is stale. Only the
+                // resourceVersion it decided from stops it from expiring holders that
+                // renewed meanwhile (check (h)).
+                let leader = leases
+                    .get_opt("leasekeeper-leader")
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|l| l.spec?.holder_identity);
+                if let Some(r) = replicas
+                    .lock()
+                    .await
+                    .iter()
+                    .find(|r| Some(&r.identity) == leader.as_ref())
+                {
+                    signal(&r.child, nix::sys::signal::Signal::SIGUSR1);
+                }
+                "stall the leader's Lease watch"
             }
             9 => {
                 // Pause the leader past its term: it wakes up with writes decided before
@@ -685,7 +765,7 @@ async fn run(a: RunArgs) -> std::process::ExitCode {
                     "third party deletes a Lease"
                 }
             }
-            _ => {
+            8 => {
                 // Skewed clocks run all along (a third of the holders are 10 min behind,
                 // a third ahead); this slot restarts one such holder for good measure.
                 let i = rng.random_range(0..holders.len());
@@ -704,6 +784,7 @@ async fn run(a: RunArgs) -> std::process::ExitCode {
                 );
                 "kill holder (skewed replacement)"
             }
+            _ => unreachable!("fault kinds are indexes into FAULT_KINDS"),
         };
         *faults.entry(done).or_default() += 1;
     }
@@ -725,7 +806,7 @@ async fn run(a: RunArgs) -> std::process::ExitCode {
         }
     }
 
-    // Settle: stop the holders (they release), let the operator finish.
+    // Settle: stop the holders (SIGKILL: what they held expires), let the operator finish.
     for (_, h) in &mut holders {
         signal(&h.child, nix::sys::signal::Signal::SIGCONT);
         let _ = h.child.start_kill();
@@ -790,6 +871,68 @@ async fn run(a: RunArgs) -> std::process::ExitCode {
     }
 }
 
+/// (h): the renewals of one Lease by its current holder, as the recorder saw them.
+///
+/// Times are bounded from both sides: a renewal committed no earlier than the renewTime
+/// the holder wrote into it and no later than when the recorder saw it. An operator
+/// expires a holder only once a full leaseDurationSeconds has passed since the last
+/// renewal it saw (a new leader: since the Lease's renewTime, at the soonest), and
+/// only if no renewal landed since then. So an expiry is certainly wrong when the
+/// recorder saw it less than a duration after the last renewal's renewTime, and that
+/// renewal was itself seen less than a duration after the one before it (it landed in
+/// time). Holders with skewed clocks are left out: their renewTime bounds nothing.
+#[derive(Default)]
+struct Renewals {
+    holder: Option<String>,
+    skewed: bool,
+    duration: i32,
+    /// renewTime of the renewal before the last one (None: the last is the grant).
+    before: Option<jiff::Timestamp>,
+    /// The last renewal: its renewTime and when the recorder saw it.
+    last: Option<(jiff::Timestamp, jiff::Timestamp)>,
+}
+
+impl Renewals {
+    fn observe(&mut self, o: &Obs) {
+        if o.deleted || o.holder != self.holder {
+            *self = Renewals {
+                holder: if o.deleted { None } else { o.holder.clone() },
+                ..Renewals::default()
+            };
+        }
+        let Some(renew) = o.renew else {
+            self.skewed = true;
+            return;
+        };
+        if self.last.is_some_and(|(r, _)| r == renew) {
+            return;
+        }
+        let off = (o.wall - renew).get_seconds().abs();
+        self.skewed |= off > 30;
+        self.duration = o.duration.unwrap_or(0);
+        self.before = self.last.map(|(r, _)| r);
+        self.last = Some((renew, o.wall));
+    }
+
+    fn expired_while_healthy(&self, expiry: &Obs) -> Option<String> {
+        if self.skewed || self.holder != expiry.holder || self.duration <= 0 {
+            return None;
+        }
+        let (renew, seen) = self.last?;
+        let d = jiff::SignedDuration::from_secs(i64::from(self.duration));
+        let slack = jiff::SignedDuration::from_millis(50);
+        let in_time = self.before.is_none_or(|b| seen < b + d - slack);
+        let early = expiry.wall < renew + d - slack;
+        (in_time && early).then(|| {
+            format!(
+                "expired (seen {}) {:?} after a renewal written at {renew} that landed in time",
+                expiry.wall,
+                expiry.wall - renew
+            )
+        })
+    }
+}
+
 struct Report {
     violations: BTreeMap<&'static str, Vec<String>>,
     totals: BTreeMap<&'static str, usize>,
@@ -806,6 +949,7 @@ async fn check(client: &Client, ns: &str, history: &History, leases: usize) -> R
         "(c) grant inside the lock delay after an expiry",
         "(d) register accepted a stale token",
         "(e) claim lost",
+        "(h) a healthy holder expired",
     ] {
         v.insert(k, Vec::new());
     }
@@ -900,11 +1044,15 @@ async fn check(client: &Client, ns: &str, history: &History, leases: usize) -> R
     merged.sort_by_key(|o| o.rv);
     let mut claims_now: HashMap<&str, &Obs> = HashMap::new();
     let mut lease_now: HashMap<&str, &Obs> = HashMap::new();
-    let mut last_expiry: HashMap<&str, Instant> = HashMap::new();
+    // The expireTime of the last expiry per Lease (written by the operator when it
+    // decided; one-second precision, so never later than the decision).
+    let mut last_expiry: HashMap<&str, jiff::Timestamp> = HashMap::new();
+    let mut renewals: HashMap<&str, Renewals> = HashMap::new();
     for o in &merged {
         match o.kind {
             "Lease" => {
                 lease_now.insert(o.name.as_str(), o);
+                renewals.entry(o.name.as_str()).or_default().observe(o);
             }
             _ => {
                 let prev = claims_now.get(o.name.as_str()).and_then(|p| p.phase);
@@ -915,20 +1063,32 @@ async fn check(client: &Client, ns: &str, history: &History, leases: usize) -> R
                     && prev == Some(Phase::Granted)
                     && o.reason.as_deref() != Some("LeaseLost")
                 {
-                    last_expiry.insert(o.lease.as_str(), o.at);
+                    if let Some(t) = o.expire {
+                        last_expiry.insert(o.lease.as_str(), t);
+                    }
+                    if o.reason.as_deref() == Some("Expired") {
+                        if let Some(why) = renewals
+                            .get(o.lease.as_str())
+                            .and_then(|r| r.expired_while_healthy(o))
+                        {
+                            v.get_mut("(h) a healthy holder expired")
+                                .expect("key")
+                                .push(format!("{} on {}: {why}", o.name, o.lease));
+                        }
+                    }
                 }
                 if o.phase == Some(Phase::Granted) && prev != Some(Phase::Granted) && !o.init {
+                    // The grant happened no later than the recorder saw it, and the
+                    // expiry no earlier than its expireTime: a gap below the lock
+                    // delay between those two is certain, whatever the watch lag.
                     if let Some(t) = last_expiry.get(o.lease.as_str()) {
-                        if o.at.saturating_duration_since(*t) + Duration::from_millis(250)
-                            < LOCK_DELAY
-                        {
+                        let delay = jiff::SignedDuration::try_from(LOCK_DELAY).unwrap_or_default();
+                        if o.wall < *t + delay {
                             v.get_mut("(c) grant inside the lock delay after an expiry")
                                 .expect("key")
                                 .push(format!(
-                                    "{} on {} granted {:?} after an expiry",
-                                    o.name,
-                                    o.lease,
-                                    o.at.saturating_duration_since(*t)
+                                    "{} on {} granted (seen {}) within {:?} of an expiry at {t}",
+                                    o.name, o.lease, o.wall, LOCK_DELAY
                                 ));
                         }
                     }

@@ -141,6 +141,54 @@ pub(crate) fn broken(_what: &str) -> bool {
     false
 }
 
+/// Fault injection of the chaos run (chaos build only): on SIGUSR1 this replica stops
+/// taking in Lease watch events for `LEASEKEEPER_CHAOS_LEASE_WATCH_STALL` (default 3 s),
+/// then takes in what queued up, late: a lagging watch, as after a slow watch cache or
+/// a stuck stream. Its Lease cache is stale meanwhile, while API calls still work.
+#[cfg(feature = "chaos-negative-controls")]
+mod chaos_stall {
+    use std::sync::Mutex;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    static UNTIL: Mutex<Option<Instant>> = Mutex::new(None);
+
+    pub(super) fn arm() {
+        let stall = std::env::var("LEASEKEEPER_CHAOS_LEASE_WATCH_STALL")
+            .ok()
+            .and_then(|v| humantime::parse_duration(&v).ok())
+            .unwrap_or(Duration::from_secs(3));
+        let Ok(mut sig) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        else {
+            return;
+        };
+        tokio::spawn(async move {
+            while sig.recv().await.is_some() {
+                tracing::warn!(?stall, "CHAOS: stalling the Lease watch");
+                if let Ok(mut u) = UNTIL.lock() {
+                    *u = Some(Instant::now() + stall);
+                }
+            }
+        });
+    }
+
+    pub(super) async fn point() {
+        let until = UNTIL.lock().ok().and_then(|u| *u);
+        if let Some(t) = until.filter(|t| *t > Instant::now()) {
+            tokio::time::sleep_until(t).await;
+        }
+    }
+}
+
+#[cfg(not(feature = "chaos-negative-controls"))]
+mod chaos_stall {
+    #[inline(always)]
+    pub(super) fn arm() {}
+    #[inline(always)]
+    pub(super) async fn point() {}
+}
+
 /// The key of one arbitration: a Lease name in a namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LeaseKey {
@@ -196,6 +244,7 @@ impl Context {
 
 /// Runs the operator until it fails or receives SIGINT/SIGTERM.
 pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
+    chaos_stall::arm();
     let client = Client::try_default().await.map_err(RunError::Config)?;
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::default());
@@ -349,7 +398,12 @@ pub async fn controller(
     let c = ctx.clone();
     let lease_watch = reflector::reflector(
         lease_writer,
-        watcher(lease_api, watcher::Config::default()).modify(slim),
+        watcher(lease_api, watcher::Config::default())
+            .modify(slim)
+            .then(|ev| async move {
+                chaos_stall::point().await;
+                ev
+            }),
     )
     .default_backoff()
     .for_each(move |ev| {
