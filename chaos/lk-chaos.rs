@@ -616,12 +616,8 @@ async fn run(a: RunArgs) -> std::process::ExitCode {
         let done: &'static str = match kind {
             0 => {
                 // SIGKILL the leader replica, restart it as a fresh process.
-                let leader = leases
-                    .get_opt("leasekeeper-leader")
-                    .await
-                    .ok()
-                    .flatten()
-                    .and_then(|l| l.spec?.holder_identity);
+                let leader =
+                    leasekeeper::leader::current_leader(&leases, "leasekeeper-leader").await;
                 let mut reps = replicas.lock().await;
                 // SIGKILL only: the supervisor brings it back, as kubelet would.
                 if let Some(r) = reps
@@ -643,12 +639,8 @@ async fn run(a: RunArgs) -> std::process::ExitCode {
                 // its API calls still work: its Lease cache is stale. Only the
                 // resourceVersion it decided from stops it from expiring holders that
                 // renewed meanwhile (check (h)).
-                let leader = leases
-                    .get_opt("leasekeeper-leader")
-                    .await
-                    .ok()
-                    .flatten()
-                    .and_then(|l| l.spec?.holder_identity);
+                let leader =
+                    leasekeeper::leader::current_leader(&leases, "leasekeeper-leader").await;
                 if let Some(r) = replicas
                     .lock()
                     .await
@@ -662,12 +654,8 @@ async fn run(a: RunArgs) -> std::process::ExitCode {
             9 => {
                 // Pause the leader past its term: it wakes up with writes decided before
                 // the pause, while another replica leads. Preconditions must stop them.
-                let leader = leases
-                    .get_opt("leasekeeper-leader")
-                    .await
-                    .ok()
-                    .flatten()
-                    .and_then(|l| l.spec?.holder_identity);
+                let leader =
+                    leasekeeper::leader::current_leader(&leases, "leasekeeper-leader").await;
                 let pid = replicas
                     .lock()
                     .await

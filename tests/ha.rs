@@ -84,16 +84,6 @@ fn metric(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-async fn leader(leases: &Api<Lease>) -> Option<String> {
-    leases
-        .get_opt("leasekeeper-leader")
-        .await
-        .ok()
-        .flatten()
-        .and_then(|l| l.spec?.holder_identity)
-        .filter(|h| !h.is_empty())
-}
-
 async fn wait_leader(
     leases: &Api<Lease>,
     not: Option<&str>,
@@ -101,7 +91,7 @@ async fn wait_leader(
 ) -> (String, Duration) {
     let t0 = Instant::now();
     loop {
-        if let Some(h) = leader(leases).await {
+        if let Some(h) = leasekeeper::leader::current_leader(leases, "leasekeeper-leader").await {
             if Some(h.as_str()) != not {
                 return (h, t0.elapsed());
             }
