@@ -604,7 +604,17 @@ async fn run(a: RunArgs) -> std::process::ExitCode {
     let started = Instant::now();
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let claims: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
+    let mut next_progress = started + Duration::from_secs(60);
     while started.elapsed() < a.duration {
+        if Instant::now() >= next_progress {
+            next_progress += Duration::from_secs(60);
+            let seen = history.lock().expect("lock").len();
+            println!(
+                "lk-chaos: {:.0} min, {} faults, {seen} states observed",
+                started.elapsed().as_secs_f64() / 60.0,
+                faults.values().sum::<usize>()
+            );
+        }
         let wait = Duration::from_secs_f64(rng.random_range(0.2..(2.0 * a.fault_every).max(0.3)));
         tokio::time::sleep(wait).await;
 

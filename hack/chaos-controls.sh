@@ -5,15 +5,16 @@
 set -uo pipefail
 plane=$1 bin=$2 duration=${3:-30s}
 controls=(${LK_CONTROLS:-no-precondition grant-before-lease skip-lock-delay non-leader-writes holder-ignores-lost})
-# The faults each control is run with: all kinds, except for two controls that need
-# one fault to show, which the mixed schedule injects too rarely for a 30 s run:
+# The faults each control is run with: all kinds, except for controls that need one
+# fault to show, which the mixed schedule injects too rarely for a 30 s run:
 # no-precondition shows when the leader decides from a stale Lease cache while holders
-# renew (the Lease-watch stall), holder-ignores-lost when the ignoring holder is paused
-# past its TTL while it holds (its lock moves on, then it wakes and writes).
+# renew (the Lease-watch stall); skip-lock-delay after an expiry (paused holders);
+# holder-ignores-lost when the ignoring holder is paused past its TTL while it holds
+# (its lock moves on, then it wakes and writes).
 fault_args() {
   case $1 in
     no-precondition) echo "--faults stall-lease-watch --fault-every 3" ;;
-    holder-ignores-lost) echo "--faults pause-holder --fault-every 3" ;;
+    skip-lock-delay | holder-ignores-lost) echo "--faults pause-holder --fault-every 3" ;;
   esac
 }
 missed=()

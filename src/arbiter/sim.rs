@@ -45,6 +45,10 @@ pub struct World {
     pub grants: usize,
     /// An outsider wrote the Lease since the operator last completed a plan.
     pub outsider_dirty: bool,
+    /// The model's negative control: `false` drops the resourceVersion precondition
+    /// from Lease writes (and the check before an expiry), as the operator's
+    /// `no-precondition` sabotage does.
+    pub lease_precondition: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -70,6 +74,7 @@ impl Default for World {
             writes: 0,
             grants: 0,
             outsider_dirty: false,
+            lease_precondition: true,
         }
     }
 }
@@ -352,6 +357,7 @@ impl World {
                 self.notes.push(n.clone());
                 return Ok(());
             }
+            Step::VerifyLease { .. } if !self.lease_precondition => return Ok(()),
             Step::VerifyLease { resource_version } => {
                 let have = self
                     .lease
@@ -429,6 +435,7 @@ impl World {
                 match (&want, &have) {
                     (None, None) => {}
                     (Some(w), Some(h)) if w == h => {}
+                    _ if !self.lease_precondition => {}
                     _ => return Err(Conflict),
                 }
                 let mut l = (**lease).clone();
