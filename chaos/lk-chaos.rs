@@ -312,104 +312,91 @@ fn marker(kind: &'static str) -> Obs {
     }
 }
 
+/// Records every event of one watch into `history`, with markers around each (re-)list.
+async fn watch_into<K>(
+    api: Api<K>,
+    history: History,
+    markers: [&'static str; 2],
+    to_obs: impl Fn(&K, bool, bool) -> Obs,
+) where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .for_each(|ev| {
+            let obs = match ev {
+                Ok(watcher::Event::Apply(o)) => to_obs(&o, false, false),
+                Ok(watcher::Event::InitApply(o)) => to_obs(&o, false, true),
+                Ok(watcher::Event::Delete(o)) => to_obs(&o, true, false),
+                Ok(watcher::Event::Init) => marker(markers[0]),
+                Ok(watcher::Event::InitDone) => marker(markers[1]),
+                Err(_) => return futures::future::ready(()),
+            };
+            history.lock().expect("lock").push(obs);
+            futures::future::ready(())
+        })
+        .await;
+}
+
+fn rv_of(o: &impl kube::Resource) -> u64 {
+    o.resource_version()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 async fn record(client: Client, ns: String, history: History) {
-    let claims: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
-    let leases: Api<Lease> = Api::namespaced(client, &ns);
-    let h = history.clone();
-    let a = watcher(claims, watcher::Config::default())
-        .default_backoff()
-        .for_each(move |ev| {
-            let (c, deleted, init) = match ev {
-                Ok(watcher::Event::Apply(c)) => (Some(c), false, false),
-                Ok(watcher::Event::InitApply(c)) => (Some(c), false, true),
-                Ok(watcher::Event::Delete(c)) => (Some(c), true, false),
-                Ok(watcher::Event::Init) => {
-                    h.lock().expect("lock").push(marker("ClaimsInit"));
-                    (None, false, false)
-                }
-                Ok(watcher::Event::InitDone) => {
-                    h.lock().expect("lock").push(marker("ClaimsInitDone"));
-                    (None, false, false)
-                }
-                _ => (None, false, false),
-            };
-            if let Some(c) = c {
-                h.lock().expect("lock").push(Obs {
-                    init,
-                    reason: c.condition("Granted").map(|x| x.reason.clone()),
-                    kind: "LockClaim",
-                    name: c.name_any(),
-                    rv: c
-                        .resource_version()
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0),
-                    lease: c.spec.lease_name.clone(),
-                    phase: c.phase(),
-                    token: c.status.as_ref().and_then(|s| s.fencing_token),
-                    holder: Some(c.identity()),
-                    deleted,
-                    wall: jiff::Timestamp::now(),
-                    renew: None,
-                    duration: None,
-                    expire: c
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.expire_time.as_ref())
-                        .map(|t| t.0),
-                });
+    let claims = watch_into(
+        Api::<LockClaim>::namespaced(client.clone(), &ns),
+        history.clone(),
+        ["ClaimsInit", "ClaimsInitDone"],
+        |c, deleted, init| Obs {
+            init,
+            reason: c.condition("Granted").map(|x| x.reason.clone()),
+            kind: "LockClaim",
+            name: c.name_any(),
+            rv: rv_of(c),
+            lease: c.spec.lease_name.clone(),
+            phase: c.phase(),
+            token: c.status.as_ref().and_then(|s| s.fencing_token),
+            holder: Some(c.identity()),
+            deleted,
+            wall: jiff::Timestamp::now(),
+            renew: None,
+            duration: None,
+            expire: c
+                .status
+                .as_ref()
+                .and_then(|s| s.expire_time.as_ref())
+                .map(|t| t.0),
+        },
+    );
+    let leases = watch_into(
+        Api::<Lease>::namespaced(client, &ns),
+        history,
+        ["LeasesInit", "LeasesInitDone"],
+        |l, deleted, init| {
+            let spec = l.spec.as_ref();
+            Obs {
+                init,
+                reason: None,
+                kind: "Lease",
+                name: l.name_any(),
+                rv: rv_of(l),
+                lease: l.name_any(),
+                phase: None,
+                token: None,
+                holder: spec
+                    .and_then(|s| s.holder_identity.clone())
+                    .filter(|h| !h.is_empty()),
+                deleted,
+                wall: jiff::Timestamp::now(),
+                renew: spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0),
+                duration: spec.and_then(|s| s.lease_duration_seconds),
+                expire: None,
             }
-            futures::future::ready(())
-        });
-    let h = history;
-    let b = watcher(leases, watcher::Config::default())
-        .default_backoff()
-        .for_each(move |ev| {
-            let (l, deleted, init) = match ev {
-                Ok(watcher::Event::Apply(l)) => (Some(l), false, false),
-                Ok(watcher::Event::InitApply(l)) => (Some(l), false, true),
-                Ok(watcher::Event::Delete(l)) => (Some(l), true, false),
-                Ok(watcher::Event::Init) => {
-                    h.lock().expect("lock").push(marker("LeasesInit"));
-                    (None, false, false)
-                }
-                Ok(watcher::Event::InitDone) => {
-                    h.lock().expect("lock").push(marker("LeasesInitDone"));
-                    (None, false, false)
-                }
-                _ => (None, false, false),
-            };
-            if let Some(l) = l {
-                h.lock().expect("lock").push(Obs {
-                    init,
-                    reason: None,
-                    kind: "Lease",
-                    name: l.name_any(),
-                    rv: l
-                        .resource_version()
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0),
-                    lease: l.name_any(),
-                    phase: None,
-                    token: None,
-                    holder: l
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.holder_identity.clone())
-                        .filter(|h| !h.is_empty()),
-                    deleted,
-                    wall: jiff::Timestamp::now(),
-                    renew: l
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.renew_time.as_ref())
-                        .map(|t| t.0),
-                    duration: l.spec.as_ref().and_then(|s| s.lease_duration_seconds),
-                    expire: None,
-                });
-            }
-            futures::future::ready(())
-        });
-    tokio::join!(a, b);
+        },
+    );
+    tokio::join!(claims, leases);
 }
 
 struct Replica {
