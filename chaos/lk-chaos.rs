@@ -864,6 +864,25 @@ async fn run(a: RunArgs) -> std::process::ExitCode {
     }
 }
 
+/// Counts a grant and checks (c): its fencing token is above every earlier one for
+/// that Lease.
+fn note_grant(
+    c: &Obs,
+    totals: &mut BTreeMap<&'static str, usize>,
+    max_token: &mut HashMap<String, i64>,
+    v: &mut BTreeMap<&'static str, Vec<String>>,
+) {
+    *totals.entry("grants").or_default() += 1;
+    let t = c.token.unwrap_or(0);
+    let m = max_token.entry(c.lease.clone()).or_insert(0);
+    if t <= *m {
+        v.get_mut("(c) fencing token not increasing")
+            .expect("key")
+            .push(format!("{} on {} got {t} after {m}", c.name, c.lease));
+    }
+    *m = (*m).max(t);
+}
+
 /// The resourceVersion ranges, per Lease, in which the recorder's Lease watch may have
 /// missed states (see the caller).
 fn lease_watch_gaps(obs: &[Obs]) -> HashMap<String, Vec<(u64, u64)>> {
@@ -1013,15 +1032,7 @@ async fn check(client: &Client, ns: &str, history: &History, leases: usize) -> R
                 for (name, c) in &snapshot {
                     let prev = latest.get(name).and_then(|p| p.phase);
                     if c.phase == Some(Phase::Granted) && prev != Some(Phase::Granted) {
-                        *totals.entry("grants").or_default() += 1;
-                        let t = c.token.unwrap_or(0);
-                        let m = max_token.entry(c.lease.clone()).or_insert(0);
-                        if t <= *m {
-                            v.get_mut("(c) fencing token not increasing")
-                                .expect("key")
-                                .push(format!("{} on {} got {t} after {m}", c.name, c.lease));
-                        }
-                        *m = (*m).max(t);
+                        note_grant(c, &mut totals, &mut max_token, &mut v);
                     }
                 }
                 latest = snapshot;
@@ -1037,15 +1048,7 @@ async fn check(client: &Client, ns: &str, history: &History, leases: usize) -> R
         }
         let prev = latest.get(&o.name).and_then(|p| p.phase);
         if o.phase == Some(Phase::Granted) && prev != Some(Phase::Granted) && !o.deleted {
-            *totals.entry("grants").or_default() += 1;
-            let t = o.token.unwrap_or(0);
-            let m = max_token.entry(o.lease.clone()).or_insert(0);
-            if t <= *m {
-                v.get_mut("(c) fencing token not increasing")
-                    .expect("key")
-                    .push(format!("{} on {} got {t} after {m}", o.name, o.lease));
-            }
-            *m = (*m).max(t);
+            note_grant(o, &mut totals, &mut max_token, &mut v);
         }
         if o.phase == Some(Phase::Expired) && prev != Some(Phase::Expired) {
             *totals.entry("expiries").or_default() += 1;
