@@ -7,6 +7,7 @@
 //! the holder's renewTime with the local wall clock; and every write carries the
 //! resourceVersion it was decided from.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -60,10 +61,54 @@ pub enum ElectionError {
     },
 }
 
+/// How long this replica may still act as leader, on its own monotonic clock.
+///
+/// A leader's term runs until `renew_deadline` after it *sent* its last successful
+/// renewal; a follower counts the full lease duration from when it *saw* that renewal,
+/// which is later. So while [`Term::is_current`] holds, no follower can have taken over.
+/// The controller checks it right before every write: a leader frozen mid-plan (SIGSTOP,
+/// a paused VM) that wakes after its term stops before its next write instead of
+/// finishing the plan.
+#[derive(Clone, Debug)]
+pub struct Term {
+    until: Option<Arc<Mutex<Instant>>>,
+}
+
+impl Term {
+    /// A term that never ends: a replica running without leader election.
+    pub fn unbounded() -> Term {
+        Term { until: None }
+    }
+
+    /// A term that ends at `until` (extended by [`Term::extend`]).
+    pub fn until(until: Instant) -> Term {
+        Term {
+            until: Some(Arc::new(Mutex::new(until))),
+        }
+    }
+
+    /// Moves the end of the term to `until` (never earlier than it was).
+    pub fn extend(&self, until: Instant) {
+        if let Some(u) = &self.until {
+            let mut u = u.lock().unwrap_or_else(|e| e.into_inner());
+            *u = (*u).max(until);
+        }
+    }
+
+    /// Whether the term still runs now.
+    pub fn is_current(&self) -> bool {
+        self.until.as_ref().is_none_or(|u| {
+            let u = u.lock().unwrap_or_else(|e| e.into_inner());
+            Instant::now() < *u
+        })
+    }
+}
+
 /// Leadership held. Renews in the background; [`Leadership::lost`] resolves when a
 /// renewal could not be made before the renew deadline (or someone else took the Lease).
 pub struct Leadership {
     lost_rx: watch::Receiver<bool>,
+    term: Term,
     task: tokio::task::JoinHandle<()>,
     api: Api<Lease>,
     cfg: ElectionConfig,
@@ -120,6 +165,7 @@ impl ElectionConfig {
                     continue;
                 }
             };
+            // The write below is sent after this instant: a term won by it counts from here.
             let now = Instant::now();
             let won = match current {
                 None => self.try_write(&api, None).await,
@@ -166,9 +212,17 @@ impl ElectionConfig {
             if won {
                 tracing::info!(identity = %self.identity, lease = %self.name, "became leader");
                 let (lost_tx, lost_rx) = watch::channel(false);
-                let task = tokio::spawn(renew_loop(api.clone(), self.clone(), lost_tx));
+                let term = Term::until(now + self.renew_deadline);
+                let task = tokio::spawn(renew_loop(
+                    api.clone(),
+                    self.clone(),
+                    lost_tx,
+                    term.clone(),
+                    now,
+                ));
                 return Ok(Leadership {
                     lost_rx,
+                    term,
                     task,
                     api,
                     cfg: self,
@@ -226,11 +280,19 @@ impl ElectionConfig {
     }
 }
 
-async fn renew_loop(api: Api<Lease>, cfg: ElectionConfig, lost: watch::Sender<bool>) {
-    let mut last_ok = Instant::now();
+async fn renew_loop(
+    api: Api<Lease>,
+    cfg: ElectionConfig,
+    lost: watch::Sender<bool>,
+    term: Term,
+    won_at: Instant,
+) {
+    // When the last successful renewal was sent (not when its answer came).
+    let mut last_ok = won_at;
     let mut current: Option<Lease> = None;
     loop {
         tokio::time::sleep(cfg.retry_period).await;
+        let sent = Instant::now();
         let attempt = async {
             // One request per renewal: the Lease from our last write carries the
             // resourceVersion precondition; re-read only after a conflict or an error.
@@ -255,7 +317,8 @@ async fn renew_loop(api: Api<Lease>, cfg: ElectionConfig, lost: watch::Sender<bo
         let remaining = cfg.renew_deadline.saturating_sub(last_ok.elapsed());
         match tokio::time::timeout(remaining, attempt).await {
             Ok(Renewal::Renewed(l)) => {
-                last_ok = Instant::now();
+                last_ok = sent;
+                term.extend(sent + cfg.renew_deadline);
                 current = Some(*l);
             }
             Ok(Renewal::Taken(by)) => {
@@ -280,6 +343,11 @@ enum Renewal {
 }
 
 impl Leadership {
+    /// This leadership's term: check [`Term::is_current`] before acting as leader.
+    pub fn term(&self) -> Term {
+        self.term.clone()
+    }
+
     /// Resolves when leadership is lost.
     pub async fn lost(&mut self) {
         while !*self.lost_rx.borrow() {
@@ -309,5 +377,38 @@ impl Leadership {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_term_is_current_until_its_end_and_extending_never_shortens_it() {
+        let t0 = Instant::now();
+        let term = Term::until(t0 + Duration::from_secs(2));
+        let seen_by_executor = term.clone();
+        assert!(seen_by_executor.is_current());
+        tokio::time::advance(Duration::from_millis(1999)).await;
+        assert!(seen_by_executor.is_current());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!seen_by_executor.is_current(), "over at its end");
+        // A renewal on the original handle reaches every clone.
+        term.extend(Instant::now() + Duration::from_secs(2));
+        assert!(seen_by_executor.is_current());
+        // A late answer to an older renewal does not pull the end back.
+        term.extend(t0);
+        assert!(seen_by_executor.is_current());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!seen_by_executor.is_current());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unbounded_term_never_ends() {
+        let term = Term::unbounded();
+        term.extend(Instant::now());
+        tokio::time::advance(Duration::from_secs(86_400)).await;
+        assert!(term.is_current());
     }
 }

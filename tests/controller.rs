@@ -684,3 +684,45 @@ async fn e2e_14_a_lease_deleted_by_hand_while_held_is_reported_not_crashed_on() 
         "a Warning Event on the claim: {out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_15_a_replica_whose_leadership_term_ran_out_writes_nothing_until_renewed() {
+    let client = support::client().await;
+    let ns = support::namespace(&client, "e2e-term").await;
+    // A term that ended already: a leader that woke from a freeze past its term.
+    let term = leasekeeper::leader::Term::until(Instant::now());
+    let op = Operator::start_in_term(&client, &ns, GC, term.clone()).await;
+    let api: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
+    create_claim(&api, "late", spec("termed")).await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    // It decides (and keeps deciding) to grant, but makes none of the plan's writes.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut refused = 0.0;
+    while Instant::now() < deadline {
+        let c = api.get("late").await.expect("read the claim");
+        assert!(c.status.is_none(), "no status written: {:?}", c.status);
+        assert!(c.metadata.finalizers.is_none(), "no finalizer added");
+        assert!(
+            leases.get_opt("termed").await.expect("read").is_none(),
+            "no Lease written"
+        );
+        refused = support::metric(
+            &op.metrics.encode(),
+            "leasekeeper_reconcile_errors_total{reason=\"TermEnded\"}",
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        refused >= 1.0,
+        "plans dropped for the ended term: {refused}"
+    );
+    // Renewed: the same replica grants.
+    term.extend(Instant::now() + Duration::from_secs(600));
+    let c = wait_phase(&api, "late", Phase::Granted, T).await;
+    assert!(token(&c) > 0);
+    let lease = leases.get("termed").await.expect("the Lease");
+    assert_eq!(
+        holder_of(&lease).as_deref(),
+        c.status.as_ref().and_then(|s| s.holder_identity.as_deref())
+    );
+}

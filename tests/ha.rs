@@ -12,7 +12,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Patch, PatchParams};
 use kube::Api;
 use leasekeeper::api::{LockClaim, Phase};
-use support::{create_claim, spec, History};
+use support::{create_claim, metric, spec, History};
 use tokio::time::Instant;
 
 struct Proc {
@@ -75,13 +75,6 @@ fn scrape(port: u16) -> String {
         .output()
         .expect("curl runs");
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 async fn wait_leader(

@@ -80,11 +80,18 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// This replica's leadership term ran out before a write of the plan for Lease
+    /// `lease`: the rest of the plan is dropped (the next leader decides afresh).
+    #[error("leadership term ran out before a write for Lease {lease}; plan dropped")]
+    TermEnded {
+        /// Lease name.
+        lease: String,
+    },
 }
 
 impl Error {
     /// Every reason [`Error::reason`] can return (metrics start them at zero).
-    pub const REASONS: [&'static str; 7] = [
+    pub const REASONS: [&'static str; 8] = [
         "Conflict",
         "LeaseReadFailed",
         "LeaseWriteFailed",
@@ -92,6 +99,7 @@ impl Error {
         "ClaimStatusFailed",
         "FinalizerFailed",
         "ClaimDeleteFailed",
+        "TermEnded",
     ];
 
     /// A stable PascalCase reason for metric labels and Events.
@@ -104,6 +112,7 @@ impl Error {
             Error::ClaimStatusFailed { .. } => "ClaimStatusFailed",
             Error::FinalizerFailed { .. } => "FinalizerFailed",
             Error::ClaimDeleteFailed { .. } => "ClaimDeleteFailed",
+            Error::TermEnded { .. } => "TermEnded",
         }
     }
 
@@ -169,6 +178,13 @@ pub async fn execute(
 
     let steps = sabotage(&plan.steps, lease);
     for step in steps.iter() {
+        // A write decided as leader is made only while the term lasts: a leader that
+        // froze mid-plan and woke past its term stops here (reads and Events go on).
+        if is_write(step) && !ctx.term.is_current() {
+            return Err(Error::TermEnded {
+                lease: key.name.clone(),
+            });
+        }
         match step {
             Step::VerifyLease { .. } if super::broken("no-precondition") => {}
             Step::VerifyLease { resource_version } => {
@@ -359,6 +375,11 @@ pub async fn execute(
         }
     }
     Ok(written)
+}
+
+/// Whether a step writes an object (Events are best effort and not arbitration state).
+fn is_write(step: &Step) -> bool {
+    !matches!(step, Step::VerifyLease { .. } | Step::Event(_))
 }
 
 /// The plan as the negative controls break it (unchanged unless a control is on):

@@ -23,6 +23,7 @@ pub use execute::Error;
 
 use crate::api::LockClaim;
 use crate::arbiter::{self, Memory, Outcome};
+use crate::leader::Term;
 use crate::telemetry::{self, Metrics, NamespaceLabel, Readiness, ReasonLabel};
 use queue::WorkQueue;
 /// Errors that stop the operator process.
@@ -225,6 +226,8 @@ pub struct Context {
     queue: WorkQueue<LeaseKey>,
     config: arbiter::Config,
     origin: Instant,
+    /// The leadership term writes are made under.
+    term: Term,
 }
 
 impl Context {
@@ -258,7 +261,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     if !cfg.leader_elect {
         metrics.leader.set(1);
         return tokio::select! {
-            res = controller(client, cfg, metrics, readiness) => res,
+            res = controller(client, cfg, metrics, readiness, Term::unbounded()) => res,
             _ = shutdown_signal() => {
                 tracing::info!("shutting down");
                 Ok(())
@@ -288,7 +291,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
             std::future::pending::<()>().await
         };
         return tokio::select! {
-            res = controller(client.clone(), cfg, metrics.clone(), readiness) => res,
+            res = controller(client.clone(), cfg, metrics.clone(), readiness, Term::unbounded()) => res,
             _ = elect => Ok(()),
             _ = shutdown_signal() => Ok(()),
         };
@@ -299,8 +302,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         _ = shutdown_signal() => return Ok(()),
     };
     metrics.leader.set(1);
+    let term = leadership.term();
     let result = tokio::select! {
-        res = controller(client, cfg, metrics.clone(), readiness) => res,
+        res = controller(client, cfg, metrics.clone(), readiness, term) => res,
         _ = leadership.lost() => Err(RunError::LeadershipLost),
         _ = shutdown_signal() => {
             tracing::info!("shutting down; handing leadership over");
@@ -322,12 +326,14 @@ fn own_namespace() -> String {
 }
 
 /// The controller proper: watches, dispatcher and reconciles. Runs until a watch ends
-/// (never, in practice) or the future is dropped.
+/// (never, in practice) or the future is dropped. It writes only while `term` is
+/// current ([`Term::unbounded`] without leader election).
 pub async fn controller(
     client: Client,
     cfg: RunConfig,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
+    term: Term,
 ) -> Result<(), RunError> {
     let (claim_api, lease_api): (Api<LockClaim>, Api<Lease>) = match cfg.watch_namespace.as_deref()
     {
@@ -376,6 +382,7 @@ pub async fn controller(
             gc_grace: cfg.gc_grace,
         },
         origin: Instant::now(),
+        term,
     });
 
     let c = ctx.clone();

@@ -181,6 +181,16 @@ pub struct Operator {
 impl Operator {
     /// Starts the controller for `ns` with the given GC grace and waits for its caches.
     pub async fn start(client: &Client, ns: &str, gc_grace: Duration) -> Operator {
+        Operator::start_in_term(client, ns, gc_grace, leasekeeper::leader::Term::unbounded()).await
+    }
+
+    /// Like [`Operator::start`], writing only while `term` is current.
+    pub async fn start_in_term(
+        client: &Client,
+        ns: &str,
+        gc_grace: Duration,
+        term: leasekeeper::leader::Term,
+    ) -> Operator {
         let mut cfg = leasekeeper::controller::RunConfig::for_namespace(Some(ns.to_string()));
         cfg.gc_grace = gc_grace;
         cfg.identity = Some(format!("e2e-{ns}"));
@@ -190,7 +200,7 @@ impl Operator {
             let (client, metrics, ready) = (client.clone(), metrics.clone(), ready.clone());
             async move {
                 if let Err(e) =
-                    leasekeeper::controller::controller(client, cfg, metrics, ready).await
+                    leasekeeper::controller::controller(client, cfg, metrics, ready, term).await
                 {
                     eprintln!("operator stopped: {e}");
                 }
@@ -539,4 +549,13 @@ pub async fn wait_event(
         evs = events(ns);
     }
     evs
+}
+
+/// The sum of the samples of metric `name` (with its labels, if given) in Prometheus
+/// text `text`.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
