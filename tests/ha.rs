@@ -28,14 +28,18 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-fn start(ns: &str, identity: &str) -> Proc {
+fn log_path(ns: &str, identity: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("target/ha-{ns}-{identity}.log"))
+}
+
+fn start(ns: &str, identity: &str, log_format: &str) -> Proc {
     let port = free_port();
-    let log =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("target/ha-{ns}-{identity}.log"));
-    let out = std::fs::File::create(&log).expect("log file");
+    let out = std::fs::File::create(log_path(ns, identity)).expect("log file");
     let child = Command::new(env!("CARGO_BIN_EXE_leasekeeper"))
         .args([
             "run",
+            "--log-format",
+            log_format,
             "--leader-elect",
             "--watch-namespace",
             ns,
@@ -127,10 +131,11 @@ async fn ha_sigkill_takeover_and_sigterm_handover() {
     let api: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
     let history = History::record(&client, &ns).await;
 
-    let mut a = start(&ns, "op-a");
+    let mut a = start(&ns, "op-a", "text");
     let (first, _) = wait_leader(&leases, None, Duration::from_secs(30)).await;
     assert_eq!(first, "op-a");
-    let mut b = start(&ns, "op-b");
+    // op-b logs JSON: its log is checked line by line at the end.
+    let mut b = start(&ns, "op-b", "json");
     tokio::time::sleep(Duration::from_millis(500)).await;
     // A follower serves probes and says it is not the leader.
     let follower_metrics = scrape(b.metrics_port);
@@ -195,7 +200,7 @@ async fn ha_sigkill_takeover_and_sigterm_handover() {
     assert!(leader_metrics.contains("leasekeeper_expiries_total{reason=\"MaxHoldExceeded\"}"));
 
     // SIGTERM handover: a new follower, then a graceful stop of the leader.
-    let mut c = start(&ns, "op-c");
+    let mut c = start(&ns, "op-c", "text");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let t0 = Instant::now();
     let status = Command::new("kill")
@@ -219,5 +224,45 @@ async fn ha_sigkill_takeover_and_sigterm_handover() {
     support::wait_phase(&api, "after", Phase::Granted, Duration::from_secs(20)).await;
     let _ = c.child.kill();
     let _ = c.child.wait();
-    let _ = (a.identity, b.identity, c.identity);
+    let _ = (a.identity, c.identity);
+
+    // `--log-format json`: every line op-b wrote is one JSON object with a timestamp,
+    // a level and a message, and its fields are top-level keys.
+    let log = std::fs::read_to_string(log_path(&ns, &b.identity)).expect("op-b's log");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for l in &lines {
+        for key in ["timestamp", "level", "message"] {
+            assert!(l.get(key).is_some(), "no {key}: {l}");
+        }
+    }
+    let said = |message: &str| {
+        lines
+            .iter()
+            .filter(|l| l["message"] == message)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let became = said("became leader");
+    assert!(
+        became
+            .iter()
+            .any(|l| l["identity"] == "op-b" && l["level"] == "INFO"),
+        "op-b logged that it became leader: {became:?}"
+    );
+    let granted = said("granted");
+    assert!(
+        granted.iter().any(|l| l["namespace"] == ns.as_str()
+            && l["lease"].as_str().is_some_and(|x| x.starts_with("lease-"))),
+        "op-b logged its grants with namespace and lease: {} lines",
+        lines.len()
+    );
+    assert_eq!(
+        said("shutting down; handing leadership over").len(),
+        1,
+        "op-b logged its graceful stop"
+    );
 }
