@@ -220,21 +220,18 @@ async fn chart_installs_and_its_service_account_runs_the_lifecycle() {
     ]);
     assert_eq!(can.trim(), "no");
 
-    let mut op = support::spawn_operator(
-        &kc,
-        &format!("chart-{release}"),
-        &[
-            "--leader-elect",
-            "--leader-namespace",
-            &release_ns,
-            "--watch-namespace",
-            &claims_ns,
-            "--identity",
-            "chart-op",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ],
-    );
+    let op_args = [
+        "--leader-elect",
+        "--leader-namespace",
+        &release_ns,
+        "--watch-namespace",
+        &claims_ns,
+        "--identity",
+        "chart-op",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ];
+    let mut op = support::spawn_operator(&kc, &format!("chart-{release}"), &op_args);
     let api: Api<LockClaim> = Api::namespaced(client.clone(), &claims_ns);
     create_claim(&api, "a", spec("db")).await;
     wait_phase(&api, "a", Phase::Granted, Duration::from_secs(30)).await;
@@ -275,4 +272,64 @@ async fn chart_installs_and_its_service_account_runs_the_lifecycle() {
         !log.contains("Forbidden") && !log.contains("forbidden"),
         "RBAC denials in the operator log:\n{log}"
     );
+
+    // helm upgrade: changed values roll into the same release.
+    let (ok, out, err) = support::helm(&[
+        "upgrade",
+        &release,
+        &chart(),
+        "-n",
+        &release_ns,
+        "--set",
+        "replicas=2",
+        "--set",
+        "logFormat=text",
+    ]);
+    assert!(ok, "helm upgrade: {out}{err}");
+    let deployment = |path: &str| {
+        let (ok, out, err) = support::kubectl_run(&[
+            "get",
+            "deployment",
+            "-n",
+            &release_ns,
+            "-o",
+            &format!("jsonpath={{.items[0]{path}}}"),
+        ]);
+        assert!(ok, "{err}");
+        out
+    };
+    assert_eq!(deployment(".spec.replicas"), "2");
+    assert_eq!(
+        deployment(
+            ".spec.template.spec.containers[0].env[?(@.name==\"LEASEKEEPER_LOG_FORMAT\")].value"
+        ),
+        "text"
+    );
+    // A bad value is refused, naming the key, and the release stays as it was.
+    let (ok, _, err) = support::helm(&[
+        "upgrade",
+        &release,
+        &chart(),
+        "-n",
+        &release_ns,
+        "--reuse-values",
+        "--set",
+        "replicas=two",
+    ]);
+    assert!(!ok && err.contains("/replicas"), "bad upgrade: {err}");
+    let (ok, status, err) = support::helm(&["status", &release, "-n", &release_ns, "-o", "json"]);
+    assert!(ok, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&status).expect("helm status JSON");
+    assert_eq!(
+        status["version"], 2,
+        "revision after one good and one bad upgrade"
+    );
+    assert_eq!(status["info"]["status"], "deployed");
+    assert_eq!(deployment(".spec.replicas"), "2");
+    // The upgraded release's RBAC still lets its ServiceAccount run the lifecycle.
+    let mut op = support::spawn_operator(&kc, &format!("chart-{release}-upgraded"), &op_args);
+    create_claim(&api, "d", spec("after-upgrade")).await;
+    wait_phase(&api, "d", Phase::Granted, Duration::from_secs(30)).await;
+    let _ = op.kill();
+    let _ = op.wait();
 }
