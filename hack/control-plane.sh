@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # control-plane.sh: a real kube-apiserver + etcd on loopback, built from Go modules.
 #
-#   hack/control-plane.sh build          build kube-apiserver, kubectl, etcd, helm (cached)
+#   hack/control-plane.sh build          build kube-apiserver, kubectl, kube-controller-manager,
+#                                        etcd, helm (cached)
 #   hack/control-plane.sh up   [DIR]     start etcd + kube-apiserver, write DIR/kubeconfig
 #   hack/control-plane.sh down [DIR]     stop exactly the processes `up` started in DIR
 #   hack/control-plane.sh env  [DIR]     print `export ...` lines for DIR
@@ -25,7 +26,9 @@ die() { log "error: $*"; exit 1; }
 build_k8s() {
   local out=$CACHE/src/k8s-$KVER sver=v0.${KVER#v1.} minor
   minor=$(echo "$KVER" | cut -d. -f2)
-  if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kubectl" ]; then return 0; fi
+  if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kubectl" ] && [ -x "$BIN/kube-controller-manager" ]; then
+    return 0
+  fi
   mkdir -p "$out" "$BIN"
   local gomod
   gomod=$(cd "$out" && GOFLAGS= go mod download -json "k8s.io/kubernetes@$KVER" |
@@ -44,9 +47,12 @@ build_k8s() {
   for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ld="$ld -X $p.gitVersion=$KVER -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
   done
-  log "building kube-apiserver and kubectl $KVER (cold: ~15-25 min on 2 cores)"
+  # kube-controller-manager is not part of `up`: tests that need its garbage collector
+  # start it themselves (tests/pod_gc.rs).
+  log "building kube-apiserver, kubectl and kube-controller-manager $KVER (cold: ~15-25 min on 2 cores)"
   (cd "$out" && GOFLAGS=-mod=mod go build -trimpath -ldflags "$ld" -o "$BIN/" \
-    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl)
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl \
+    k8s.io/kubernetes/cmd/kube-controller-manager)
   "$BIN/kube-apiserver" --version
 }
 

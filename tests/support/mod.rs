@@ -559,3 +559,41 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// kube-controller-manager running only its garbage collector against the test plane,
+/// killed on drop. The local plane has no controller manager of its own; a cluster
+/// given by `LEASEKEEPER_TEST_KUBECONFIG` has one, so there this is `None`.
+pub struct GarbageCollector(std::process::Child);
+
+impl GarbageCollector {
+    /// Starts it (log in `target/kcm-<pid>.log`).
+    pub fn start() -> Option<GarbageCollector> {
+        if std::env::var_os("LEASEKEEPER_TEST_KUBECONFIG").is_some() {
+            return None;
+        }
+        let log = root().join(format!("target/kcm-{}.log", std::process::id()));
+        let out = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(bin_dir().join("kube-controller-manager"))
+            .arg(format!("--kubeconfig={}", kubeconfig_path().display()))
+            .args([
+                "--controllers=garbagecollector",
+                "--leader-elect=false",
+                "--secure-port=0",
+                "--use-service-account-credentials=false",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("kube-controller-manager starts (hack/control-plane.sh build): {e}")
+            });
+        Some(GarbageCollector(child))
+    }
+}
+
+impl Drop for GarbageCollector {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
