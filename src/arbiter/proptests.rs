@@ -211,6 +211,7 @@ fn run(w: &mut World, op: &Op) {
 fn history(ops: &[Op], lease_precondition: bool) -> Result<(), TestCaseError> {
     let mut w = World {
         lease_precondition,
+        panic_on_violation: false,
         ..World::default()
     };
     for op in ops {
@@ -263,7 +264,6 @@ fn the_model_catches_lease_writes_without_a_precondition() {
         },
         TestRng::deterministic_rng(RngAlgorithm::ChaCha),
     );
-    // (A violation inside a plan panics in the model; the runner counts that as a fail.)
     let result = runner.run(&proptest::collection::vec(op(), 1..60), |ops| {
         history(&ops, false)
     });

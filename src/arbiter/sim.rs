@@ -49,6 +49,10 @@ pub struct World {
     /// from Lease writes (and the check before an expiry), as the operator's
     /// `no-precondition` sabotage does.
     pub lease_precondition: bool,
+    /// `true` (unit tests): a write that breaks an invariant panics at once. `false`
+    /// (property tests): it is recorded in `violations`, the plan stops there, and
+    /// [`World::check`] reports it; no panic message is printed for a history that fails.
+    pub panic_on_violation: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -75,6 +79,7 @@ impl Default for World {
             grants: 0,
             outsider_dirty: false,
             lease_precondition: true,
+            panic_on_violation: true,
         }
     }
 }
@@ -266,6 +271,14 @@ impl World {
         })
     }
 
+    /// An invariant broke: panic, or record it (see `panic_on_violation`).
+    fn violated(&mut self, msg: String) {
+        assert!(!self.panic_on_violation, "{msg}");
+        if self.violations.is_empty() {
+            self.violations.push(msg);
+        }
+    }
+
     /// Decides and applies the whole plan; panics on an invariant violation.
     pub fn reconcile(&mut self) -> Plan {
         let plan = self.plan();
@@ -311,10 +324,12 @@ impl World {
                 return false;
             }
             if let Err(e) = self.check() {
-                panic!(
+                let msg = format!(
                     "invariant violated after step {i} {step:#?}: {e}\nclaims: {:#?}\nlease: {:#?}",
                     self.claims, self.lease
                 );
+                self.violated(msg);
+                return false;
             }
         }
         self.memory = plan.memory.clone();
@@ -409,10 +424,9 @@ impl World {
                 c.metadata.resource_version = Some(next_rv.clone());
                 rvs.insert(claim.clone(), next_rv);
                 if newly_granted {
-                    assert!(
-                        token > max_token,
-                        "fencing token {token} not above {max_token}"
-                    );
+                    if token <= max_token {
+                        self.violated(format!("fencing token {token} not above {max_token}"));
+                    }
                     self.max_token = token;
                     self.grants += 1;
                 }
