@@ -7,7 +7,7 @@ use std::sync::Arc;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
@@ -450,7 +450,12 @@ pub async fn publish(ctx: &Context, note: &Note, reference: &ObjectReference) {
         action: "Arbitrate".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&ev, reference).await {
+    // A fresh Recorder per Event: kube's Recorder keeps every Event it published for six
+    // minutes (to count repeats of the same Event) and scans that cache on each publish.
+    // Ours never repeat (each marks one transition of one claim), so the cache would only
+    // hold tens of thousands of Events under load, and cost a scan per publish.
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    if let Err(e) = recorder.publish(&ev, reference).await {
         tracing::debug!(error = %e, reason = note.reason, "cannot publish Event");
     }
 }
