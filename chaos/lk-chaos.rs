@@ -866,21 +866,38 @@ async fn run(a: RunArgs) -> std::process::ExitCode {
 
 /// Counts a grant and checks (c): its fencing token is above every earlier one for
 /// that Lease.
+/// Per Lease: the highest fencing token granted so far, and who got the last grant.
+#[derive(Default)]
+struct LastGrant {
+    token: i64,
+    holder: Option<String>,
+}
+
 fn note_grant(
     c: &Obs,
     totals: &mut BTreeMap<&'static str, usize>,
-    max_token: &mut HashMap<String, i64>,
+    last: &mut HashMap<String, LastGrant>,
     v: &mut BTreeMap<&'static str, Vec<String>>,
 ) {
     *totals.entry("grants").or_default() += 1;
     let t = c.token.unwrap_or(0);
-    let m = max_token.entry(c.lease.clone()).or_insert(0);
-    if t <= *m {
+    let m = last.entry(c.lease.clone()).or_default();
+    if t <= m.token {
         v.get_mut("(c) fencing token not increasing")
             .expect("key")
-            .push(format!("{} on {} got {t} after {m}", c.name, c.lease));
+            .push(format!(
+                "{} on {} got {t} after {}",
+                c.name, c.lease, m.token
+            ));
     }
-    *m = (*m).max(t);
+    m.token = m.token.max(t);
+    // A handoff: the Lease goes to a different holder than its previous grant's.
+    if m.holder.is_some() && m.holder != c.holder {
+        *totals
+            .entry("handoffs (a grant to another holder than the last)")
+            .or_default() += 1;
+    }
+    m.holder.clone_from(&c.holder);
 }
 
 /// The resourceVersion ranges, per Lease, in which the recorder's Lease watch may have
@@ -1015,7 +1032,7 @@ async fn check(client: &Client, ns: &str, history: &History, leases: usize) -> R
 
     // (a) and (c), replaying the claims' watch stream in order.
     let mut latest: HashMap<String, Obs> = HashMap::new();
-    let mut max_token: HashMap<String, i64> = HashMap::new();
+    let mut last_grant: HashMap<String, LastGrant> = HashMap::new();
     // A re-list replaces what the watcher knows: objects deleted while the watch was
     // down simply are not in it. Judge the state once the list is complete.
     let mut relist: Option<HashMap<String, Obs>> = None;
@@ -1032,7 +1049,7 @@ async fn check(client: &Client, ns: &str, history: &History, leases: usize) -> R
                 for (name, c) in &snapshot {
                     let prev = latest.get(name).and_then(|p| p.phase);
                     if c.phase == Some(Phase::Granted) && prev != Some(Phase::Granted) {
-                        note_grant(c, &mut totals, &mut max_token, &mut v);
+                        note_grant(c, &mut totals, &mut last_grant, &mut v);
                     }
                 }
                 latest = snapshot;
@@ -1048,7 +1065,7 @@ async fn check(client: &Client, ns: &str, history: &History, leases: usize) -> R
         }
         let prev = latest.get(&o.name).and_then(|p| p.phase);
         if o.phase == Some(Phase::Granted) && prev != Some(Phase::Granted) && !o.deleted {
-            note_grant(o, &mut totals, &mut max_token, &mut v);
+            note_grant(o, &mut totals, &mut last_grant, &mut v);
         }
         if o.phase == Some(Phase::Expired) && prev != Some(Phase::Expired) {
             *totals.entry("expiries").or_default() += 1;
