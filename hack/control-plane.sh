@@ -11,6 +11,7 @@
 #
 # DIR defaults to $LK_PLANE_DIR or ./.plane. Several DIRs may run side by side: every
 # instance picks its own free ports and keeps its own pids, certificates and data.
+# LK_ETCD_EXTRA_ARGS and LK_APISERVER_EXTRA_ARGS add flags to the daemons at `up`.
 set -euo pipefail
 
 KVER=${KVER:-v1.35.4}
@@ -143,7 +144,7 @@ up() {
 exec "$BIN/etcd" --name lk --data-dir "$w/etcd" \\
   --listen-client-urls "http://127.0.0.1:$ep" --advertise-client-urls "http://127.0.0.1:$ep" \\
   --listen-peer-urls "http://127.0.0.1:$pp" --initial-advertise-peer-urls "http://127.0.0.1:$pp" \\
-  --initial-cluster "lk=http://127.0.0.1:$pp" $nofsync
+  --initial-cluster "lk=http://127.0.0.1:$pp" $nofsync ${LK_ETCD_EXTRA_ARGS:-}
 EOS
   start_daemon "$w" etcd
   echo "$ep" >"$w/etcd.port"
