@@ -25,7 +25,7 @@ crd:
 	$(CARGO) run --locked -q -- crd > crds/lockclaims.leasekeeper.io.yaml
 	cp crds/lockclaims.leasekeeper.io.yaml charts/leasekeeper/crds/
 
-## Build kube-apiserver, kubectl, etcd and helm from Go modules (cached by version).
+## Build kube-apiserver, kubectl, kube-controller-manager, etcd and helm from Go modules (cached by version).
 plane-build:
 	$(PLANE) build
 
