@@ -5,7 +5,7 @@
 mod support;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -17,7 +17,6 @@ use tokio::time::Instant;
 
 struct Proc {
     child: Child,
-    identity: String,
     metrics_port: u16,
 }
 
@@ -28,16 +27,18 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// The log file of replica `identity` (support::spawn_operator writes target/<name>.log).
 fn log_path(ns: &str, identity: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("target/ha-{ns}-{identity}.log"))
+    support::root().join(format!("target/ha-{ns}-{identity}.log"))
 }
 
 fn start(ns: &str, identity: &str, log_format: &str) -> Proc {
     let port = free_port();
-    let out = std::fs::File::create(log_path(ns, identity)).expect("log file");
-    let child = Command::new(env!("CARGO_BIN_EXE_leasekeeper"))
-        .args([
-            "run",
+    let metrics = format!("127.0.0.1:{port}");
+    let child = support::spawn_operator(
+        support::kubeconfig_path(),
+        &format!("ha-{ns}-{identity}"),
+        &[
             "--log-format",
             log_format,
             "--leader-elect",
@@ -45,30 +46,20 @@ fn start(ns: &str, identity: &str, log_format: &str) -> Proc {
             ns,
             "--leader-namespace",
             ns,
-        ])
-        .args([
             "--identity",
             identity,
             "--metrics-addr",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .args([
+            &metrics,
             "--leader-lease-duration",
             "4s",
             "--leader-renew-deadline",
             "3s",
             "--leader-retry-period",
             "500ms",
-        ])
-        .env("KUBECONFIG", support::kubeconfig_path())
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(out.try_clone().expect("clone"))
-        .spawn()
-        .expect("leasekeeper starts");
+        ],
+    );
     Proc {
         child,
-        identity: identity.into(),
         metrics_port: port,
     }
 }
@@ -219,11 +210,10 @@ async fn ha_sigkill_takeover_and_sigterm_handover() {
     support::wait_phase(&api, "after", Phase::Granted, Duration::from_secs(20)).await;
     let _ = c.child.kill();
     let _ = c.child.wait();
-    let _ = (a.identity, c.identity);
 
     // `--log-format json`: every line op-b wrote is one JSON object with a timestamp,
     // a level and a message, and its fields are top-level keys.
-    let log = std::fs::read_to_string(log_path(&ns, &b.identity)).expect("op-b's log");
+    let log = std::fs::read_to_string(log_path(&ns, "op-b")).expect("op-b's log");
     let lines: Vec<serde_json::Value> = log
         .lines()
         .filter(|l| !l.trim().is_empty())
