@@ -864,8 +864,6 @@ async fn run(a: RunArgs) -> std::process::ExitCode {
     }
 }
 
-/// Counts a grant and checks (c): its fencing token is above every earlier one for
-/// that Lease.
 /// Per Lease: the highest fencing token granted so far, and who got the last grant.
 #[derive(Default)]
 struct LastGrant {
@@ -873,6 +871,8 @@ struct LastGrant {
     holder: Option<String>,
 }
 
+/// Counts a grant (and a handoff, when the holder changed) and checks (c): its fencing
+/// token is above every earlier one for that Lease.
 fn note_grant(
     c: &Obs,
     totals: &mut BTreeMap<&'static str, usize>,
@@ -1182,11 +1182,14 @@ async fn check(client: &Client, ns: &str, history: &History, leases: usize) -> R
             let third_party =
                 lease.is_none_or(|l| l.deleted || l.holder.as_deref() == Some("intruder"));
             let differs = lease.and_then(|l| l.holder.as_deref()) != o.holder.as_deref();
-            if !third_party && differs && in_gap(&o.lease, o.rv) {
+            if third_party || !differs {
+                continue;
+            }
+            if in_gap(&o.lease, o.rv) {
                 *totals
                     .entry("Granted states not judged (inside a Lease watch gap)")
                     .or_default() += 1;
-            } else if !third_party && differs {
+            } else {
                 v.get_mut("(a) a Granted claim its Lease does not name")
                     .expect("key")
                     .push(format!(
