@@ -42,7 +42,7 @@ run: plane-build
 ## Everything: unit + property tests, then e2e tests on a real control plane.
 ## KEEP_PLANE=1 leaves the control plane running for the next run.
 test: plane-up
-	PROPTEST_CASES=$(PROPTEST_CASES) $(CARGO) test --locked --no-fail-fast --all-targets -- --nocapture --test-threads=16 2>&1 | tee target/test.log; \
+	PROPTEST_CASES=$(PROPTEST_CASES) $(CARGO) test --locked --no-fail-fast --workspace --all-targets -- --nocapture --test-threads=16 2>&1 | tee target/test.log; \
 	  rc=$${PIPESTATUS[0]}; \
 	  [ -n "$(KEEP_PLANE)" ] || $(PLANE) down $(E2E_PLANE); \
 	  exit $$rc
@@ -53,28 +53,32 @@ chart-test: plane-up
 	$(CARGO) test --locked --test chart -- --nocapture
 
 unit:
-	PROPTEST_CASES=$(PROPTEST_CASES) $(CARGO) test --locked --lib
+	PROPTEST_CASES=$(PROPTEST_CASES) $(CARGO) test --locked --workspace --lib --bins
 
 soak:
 	PROPTEST_CASES=$(SOAK_CASES) $(CARGO) test --locked --release --lib arbiter::proptests
 
+## clippy runs twice: the product build, and the chaos build whose negative-control
+## hooks (controller::chaos) exist only with the feature.
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --locked --all-targets -- -D warnings
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --locked --workspace --all-targets --features leasekeeper/chaos-negative-controls -- -D warnings
+	hack/shellcheck.sh hack/*.sh bench/peers/*.sh .ci/run
 	hack/hadolint.sh Dockerfile
 
 ## Benchmarks against client-go leader election on one local API server (~20 min).
 ## Writes bench/results/latest.md. Asserts nothing: it measures.
 BENCH_PLANE := target/bench-plane
 bench: plane-build
-	$(CARGO) build --locked --release --bins
+	$(CARGO) build --locked --release -p leasekeeper -p lk-bench
 	peer=$$(bench/peers/build.sh) && $(PLANE) up $(BENCH_PLANE) && \
 	  target/release/lk-bench --kubeconfig $(BENCH_PLANE)/kubeconfig --bin target/release --peer $$peer \
 	    --out bench/results/latest.md; rc=$$?; $(PLANE) down $(BENCH_PLANE); exit $$rc
 
 ## Every benchmark scenario with small N (part of CI; debug build, numbers not meaningful).
 bench-smoke: plane-build
-	$(CARGO) build --locked --bins
+	$(CARGO) build --locked -p leasekeeper -p lk-bench
 	peer=$$(bench/peers/build.sh) && $(PLANE) up $(BENCH_PLANE)-smoke && \
 	  target/debug/lk-bench --smoke --kubeconfig $(BENCH_PLANE)-smoke/kubeconfig --bin target/debug --peer $$peer \
 	    --out target/bench-smoke.md; rc=$$?; $(PLANE) down $(BENCH_PLANE)-smoke; exit $$rc
@@ -94,7 +98,7 @@ CHAOS_ARGS ?= --leases 10 --fault-every 1.5
 ## history grows until etcd's 2 GiB quota stops every write (seen at 49 minutes).
 CHAOS_ETCD := LK_ETCD_EXTRA_ARGS="--auto-compaction-mode=periodic --auto-compaction-retention=2m --quota-backend-bytes=8589934592"
 chaos-build:
-	$(CARGO) build --locked --features chaos-negative-controls --bins --target-dir $(CHAOS_TARGET)
+	$(CARGO) build --locked -p leasekeeper -p lk-chaos --features leasekeeper/chaos-negative-controls --target-dir $(CHAOS_TARGET)
 
 ## The long run works on a copy of the binaries (holders and replicas are respawned from
 ## them), so the chaos build can be rebuilt while it runs.

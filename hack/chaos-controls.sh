@@ -4,7 +4,7 @@
 #   hack/chaos-controls.sh PLANE_DIR BIN_DIR DURATION
 set -uo pipefail
 plane=$1 bin=$2 duration=${3:-30s}
-controls=(${LK_CONTROLS:-no-precondition grant-before-lease skip-lock-delay non-leader-writes holder-ignores-lost})
+read -r -a controls <<<"${LK_CONTROLS:-no-precondition grant-before-lease skip-lock-delay non-leader-writes holder-ignores-lost}"
 # The faults each control is run with: all kinds, except for controls that need one
 # fault to show, which the mixed schedule injects too rarely for a 30 s run:
 # no-precondition shows when the leader decides from a stale Lease cache while holders
@@ -13,8 +13,9 @@ controls=(${LK_CONTROLS:-no-precondition grant-before-lease skip-lock-delay non-
 # (its lock moves on, then it wakes and writes).
 fault_args() {
   case $1 in
-    no-precondition) echo "--faults stall-lease-watch --fault-every 3" ;;
-    skip-lock-delay | holder-ignores-lost) echo "--faults pause-holder --fault-every 3" ;;
+    no-precondition) extra=(--faults stall-lease-watch --fault-every 3) ;;
+    skip-lock-delay | holder-ignores-lost) extra=(--faults pause-holder --fault-every 3) ;;
+    *) extra=() ;;
   esac
 }
 missed=()
@@ -24,7 +25,8 @@ for c in "${controls[@]}"; do
   caught=
   for seed in 42 43 44; do
     echo "=== negative control: $c (seed $seed)"
-    out=$("$bin/lk-chaos" run --plane "$plane" --bin "$bin" --duration "$duration" --seed "$seed" --break "$c" $(fault_args "$c") 2>&1)
+    fault_args "$c"
+    out=$("$bin/lk-chaos" run --plane "$plane" --bin "$bin" --duration "$duration" --seed "$seed" --break "$c" "${extra[@]}" 2>&1)
     rc=$?
     echo "$out" | grep -E "^\| \(" | grep -v "| 0 |"
     if [ $rc -ne 0 ]; then caught=$seed; break; fi

@@ -32,7 +32,7 @@ build_k8s() {
   fi
   mkdir -p "$out" "$BIN"
   local gomod
-  gomod=$(cd "$out" && GOFLAGS= go mod download -json "k8s.io/kubernetes@$KVER" |
+  gomod=$(cd "$out" && GOFLAGS="" go mod download -json "k8s.io/kubernetes@$KVER" |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])') ||
     die "cannot download k8s.io/kubernetes@$KVER from the Go module proxy"
   local gover
@@ -88,8 +88,8 @@ start_daemon() {
 }
 
 wait_ready() {
-  local w=$1 i
-  for i in $(seq 240); do
+  local w=$1
+  for _ in $(seq 240); do
     if curl -fsS --cacert "$w/pki/ca.crt" --cert "$w/pki/admin.crt" --key "$w/pki/admin.key" \
       "https://127.0.0.1:$(cat "$w/apiserver.port")/readyz" >/dev/null 2>&1; then
       return 0
@@ -180,12 +180,12 @@ EOC
 }
 
 stop_pid() {
-  local f=$1 pid i
+  local f=$1 pid
   [ -f "$f" ] || return 0
   pid=$(cat "$f")
   if kill -0 "$pid" 2>/dev/null; then
     kill "$pid" 2>/dev/null || true
-    for i in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
     kill -9 "$pid" 2>/dev/null || true
   fi
   rm -f "$f"

@@ -125,13 +125,6 @@ fn holder(l: &Lease) -> Option<&str> {
         .filter(|h| !h.is_empty())
 }
 
-/// Who holds the election Lease `name` in `leases`' namespace now: None when nobody
-/// does, or when it cannot be read.
-pub async fn current_leader(leases: &Api<Lease>, name: &str) -> Option<String> {
-    let lease = leases.get_opt(name).await.ok().flatten()?;
-    holder(&lease).map(str::to_string)
-}
-
 impl ElectionConfig {
     fn err(&self, source: kube::Error) -> ElectionError {
         ElectionError::Api {

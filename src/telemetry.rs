@@ -310,23 +310,3 @@ async fn metrics_text(State(s): State<ProbeState>) -> impl IntoResponse {
         s.metrics.encode(),
     )
 }
-
-/// Fetches `path` from a probe server at `addr` (plain HTTP/1.0): the benchmark and
-/// chaos harnesses read the operator's `/metrics` and `/readyz` with it. Empty on error.
-pub async fn scrape(addr: &str, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
-        return String::new();
-    };
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    if s.write_all(request.as_bytes()).await.is_err() {
-        return String::new();
-    }
-    let mut response = String::new();
-    let _ = s.read_to_string(&mut response).await;
-    response
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string()
-}

@@ -2,7 +2,7 @@
 //! installs, examples are accepted, bad input is rejected with a message naming the
 //! field, immutability holds, and `kubectl explain` shows the doc text.
 
-mod support;
+use testkit as support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! chart's ServiceAccount through the core lifecycle, proving its RBAC is enough (and
 //! that it cannot read Secrets).
 
-mod support;
+use testkit as support;
 
 use std::time::Duration;
 
@@ -231,7 +231,12 @@ async fn chart_installs_and_its_service_account_runs_the_lifecycle() {
         "--metrics-addr",
         "127.0.0.1:0",
     ];
-    let mut op = support::spawn_operator(&kc, &format!("chart-{release}"), &op_args);
+    let mut op = support::spawn_operator(
+        testkit::bin!("leasekeeper"),
+        &kc,
+        &format!("chart-{release}"),
+        &op_args,
+    );
     let api: Api<LockClaim> = Api::namespaced(client.clone(), &claims_ns);
     create_claim(&api, "a", spec("db")).await;
     wait_phase(&api, "a", Phase::Granted, Duration::from_secs(30)).await;
@@ -327,7 +332,12 @@ async fn chart_installs_and_its_service_account_runs_the_lifecycle() {
     assert_eq!(status["info"]["status"], "deployed");
     assert_eq!(deployment(".spec.replicas"), "2");
     // The upgraded release's RBAC still lets its ServiceAccount run the lifecycle.
-    let mut op = support::spawn_operator(&kc, &format!("chart-{release}-upgraded"), &op_args);
+    let mut op = support::spawn_operator(
+        testkit::bin!("leasekeeper"),
+        &kc,
+        &format!("chart-{release}-upgraded"),
+        &op_args,
+    );
     create_claim(&api, "d", spec("after-upgrade")).await;
     wait_phase(&api, "d", Phase::Granted, Duration::from_secs(30)).await;
     let _ = op.kill();

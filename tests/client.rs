@@ -1,7 +1,7 @@
 //! The workload side on the real control plane: `kubectl lock` (through kubectl's
 //! plugin mechanism) and the `leasekeeper::client` library.
 
-mod support;
+use testkit as support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -1,7 +1,7 @@
 //! End-to-end tests of the controller on a real kube-apiserver + etcd. Each test has
 //! its own namespace and its own in-process operator watching only that namespace.
 
-mod support;
+use testkit as support;
 
 use std::time::Duration;
 

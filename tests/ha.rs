@@ -2,7 +2,7 @@
 //! processes; the leader is SIGKILLed while claims are granted and released, the other
 //! takes over; then a SIGTERM handover. Also scrapes /metrics from both.
 
-mod support;
+use testkit as support;
 
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -20,22 +20,16 @@ struct Proc {
     metrics_port: u16,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 /// The log file of replica `identity` (support::spawn_operator writes target/<name>.log).
 fn log_path(ns: &str, identity: &str) -> PathBuf {
     support::root().join(format!("target/ha-{ns}-{identity}.log"))
 }
 
 fn start(ns: &str, identity: &str, log_format: &str) -> Proc {
-    let port = free_port();
+    let port = support::free_port();
     let metrics = format!("127.0.0.1:{port}");
     let child = support::spawn_operator(
+        testkit::bin!("leasekeeper"),
         support::kubeconfig_path(),
         &format!("ha-{ns}-{identity}"),
         &[
@@ -79,7 +73,7 @@ async fn wait_leader(
 ) -> (String, Duration) {
     let t0 = Instant::now();
     loop {
-        if let Some(h) = leasekeeper::leader::current_leader(leases, "leasekeeper-leader").await {
+        if let Some(h) = support::current_leader(leases, "leasekeeper-leader").await {
             if Some(h.as_str()) != not {
                 return (h, t0.elapsed());
             }

@@ -6,7 +6,7 @@
 //! One test in its own binary: it sets `POD_NAME`/`POD_UID` in the process environment
 //! before any thread starts, as a Pod's downward API would.
 
-mod support;
+use testkit as support;
 
 use std::time::Duration;
 

@@ -307,6 +307,11 @@ fn unwrap_descriptions(schema: &mut JSONSchemaProps) {
     }
 }
 
+/// Every CRD leasekeeper serves, in the order they are installed.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    vec![crd()]
+}
+
 /// The CRD as YAML, exactly as `leasekeeper crd` prints it and `crds/` commits it.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     serde_yaml::to_string(&crd())

@@ -102,24 +102,6 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
-    /// A configuration for running the controller in-process (tests, benchmarks).
-    pub fn for_namespace(namespace: Option<String>) -> Self {
-        RunConfig {
-            watch_namespace: namespace,
-            gc_grace: Duration::from_secs(300),
-            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            crd_wait: Duration::from_secs(60),
-            concurrency: 16,
-            identity: None,
-            leader_elect: false,
-            leader_namespace: None,
-            leader_lease_name: "leasekeeper-leader".into(),
-            leader_lease_duration: Duration::from_secs(15),
-            leader_renew_deadline: Duration::from_secs(10),
-            leader_retry_period: Duration::from_secs(2),
-        }
-    }
-
     fn identity(&self) -> String {
         self.identity.clone().unwrap_or_else(|| {
             std::env::var("HOSTNAME")
@@ -722,21 +704,6 @@ fn record(ctx: &Context, key: &LeaseKey, plan: &arbiter::Plan) {
             }
         }
     }
-}
-
-/// Applies the LockClaim CRD (server-side, as `manager`) and waits until it is
-/// Established: how the harnesses prepare a fresh control plane.
-pub async fn install_crd(client: Client, manager: &str, timeout: Duration) -> Result<(), RunError> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let params = kube::api::PatchParams::apply(manager).force();
-    crds.patch(
-        LockClaim::crd_name(),
-        &params,
-        &kube::api::Patch::Apply(crate::api::crd()),
-    )
-    .await
-    .map_err(RunError::CrdInstall)?;
-    wait_for_crd(client, timeout).await
 }
 
 /// Waits until the LockClaim CRD is Established (instead of crash-looping before it is).

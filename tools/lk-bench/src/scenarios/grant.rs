@@ -1,0 +1,93 @@
+//! Scenario 1: Grant latency on a free Lease, against the floor: a bare Lease create and update.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use kube::api::{ObjectMeta, PostParams};
+use kube::Api;
+use leasekeeper::api::{LockClaim, Phase, Renewal};
+use tokio::time::Instant;
+
+use crate::measure::{apiserver_requests, delta, spec, stats, Report, Seen};
+use crate::Bench;
+
+pub async fn run(b: &Bench, r: &mut Report) {
+    let ns = "bench-grant";
+    testkit::create_namespace(&b.client, ns, &[]).await;
+    testkit::create_namespace(&b.client, "bench-floor", &[]).await;
+    let (seen, _w) = Seen::start(&b.client, ns).await;
+    let claims: Api<LockClaim> = Api::namespaced(b.client.clone(), ns);
+    let before = apiserver_requests(&b.client).await;
+    let mut grant = Vec::new();
+    for i in 0..b.n {
+        let name = format!("g{i}");
+        let t0 = Instant::now();
+        claims
+            .create(
+                &PostParams::default(),
+                &LockClaim::new(&name, spec(&name, Renewal::Holder, 3600)),
+            )
+            .await
+            .expect("create");
+        if let Some(t) = seen
+            .wait(ns, &name, Phase::Granted, Duration::from_secs(30))
+            .await
+        {
+            grant.push(t - t0);
+        }
+    }
+    let after = apiserver_requests(&b.client).await;
+    let grant_cost = delta(&before, &after, b.n);
+    let (create, update) = floor(b).await;
+    let (g, c, u) = (stats(grant), stats(create), stats(update));
+    r.add("## 1. Grant latency on a free Lease (claim created -> creator's watch sees Granted)");
+    r.add(String::new());
+    r.header();
+    r.row("leasekeeper grant", &g);
+    r.row("floor: one Lease create", &c);
+    r.row("floor: one Lease update", &u);
+    r.add(String::new());
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
+    r.add(format!(
+        "Grant p50 = {:.1}x one Lease create, p99 = {:.1}x (a grant is at least: claim create, finalizer, Lease create, status write, watch delivery).",
+        ratio(g.p50, c.p50),
+        ratio(g.p99, c.p99)
+    ));
+    r.add(String::new());
+    r.add(format!("API requests per grant (apiserver_request_total deltas, includes the benchmark's own claim create): {grant_cost}"));
+    r.add(String::new());
+}
+
+/// One Lease create and one update each, `n` times: the latency floor of a grant.
+async fn floor(b: &Bench) -> (Vec<Duration>, Vec<Duration>) {
+    let leases: Api<Lease> = Api::namespaced(b.client.clone(), "bench-floor");
+    let (mut create, mut update) = (Vec::new(), Vec::new());
+    for i in 0..b.n {
+        let l = Lease {
+            metadata: ObjectMeta {
+                name: Some(format!("f{i}")),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some("x".into()),
+                ..LeaseSpec::default()
+            }),
+        };
+        let t0 = Instant::now();
+        let mut created = leases
+            .create(&PostParams::default(), &l)
+            .await
+            .expect("lease create");
+        create.push(t0.elapsed());
+        if let Some(s) = created.spec.as_mut() {
+            s.holder_identity = Some("y".into());
+        }
+        let t0 = Instant::now();
+        leases
+            .replace(&format!("f{i}"), &PostParams::default(), &created)
+            .await
+            .expect("lease update");
+        update.push(t0.elapsed());
+    }
+    (create, update)
+}

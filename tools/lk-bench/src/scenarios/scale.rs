@@ -1,0 +1,182 @@
+//! Scenario 4: Scale: 10,000 claims over 1,000 Leases in 20 namespaces, created as fast as the
+//! API server takes them; then every holder releases until every queue is drained. The
+//! harness watches its claims (label bench=scale) into a local cache instead of polling
+//! lists, so that it does not load the API server it measures.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client};
+use leasekeeper::api::{LockClaim, Phase, Renewal};
+use tokio::time::Instant;
+
+use crate::measure::{proc_stats, spec, Report};
+use crate::Bench;
+
+pub async fn run(b: &Bench, r: &mut Report) {
+    let (nss, per_ns, per_lease) = if b.args.smoke {
+        (2, 5, 10)
+    } else {
+        (20, 50, 10)
+    };
+    let (t_settle, t_drain, total) = scale(&b.client, nss, per_ns, per_lease).await;
+    let (hwm_kb, cpu_s) = proc_stats(b.op_pid);
+    r.add("## 4. Scale");
+    r.add(String::new());
+    r.add(format!("{total} claims over {} Leases in {nss} namespaces, created as fast as the API server takes them (64 in flight):", nss * per_ns));
+    r.add(String::new());
+    r.add("| measure | value |");
+    r.add("|---|---|");
+    r.add(format!(
+        "| creation start -> every claim Granted or Pending at its true position | {:.1} s |",
+        t_settle.as_secs_f64()
+    ));
+    r.add(format!(
+        "| first release -> every queue drained ({total} grants and releases) | {:.1} s |",
+        t_drain.as_secs_f64()
+    ));
+    r.add(format!(
+        "| operator peak RSS (VmHWM, whole run so far) | {:.1} MiB |",
+        hwm_kb as f64 / 1024.0
+    ));
+    r.add(format!(
+        "| operator CPU (user+system, whole run so far) | {cpu_s:.1} s |"
+    ));
+    r.add(String::new());
+}
+
+/// Returns (creation start -> settled, release start -> drained, claims).
+async fn scale(
+    client: &Client,
+    nss: usize,
+    per_ns: usize,
+    per_lease: usize,
+) -> (Duration, Duration, usize) {
+    let names: Vec<String> = (0..nss).map(|i| format!("bench-scale-{i:02}")).collect();
+    for ns in &names {
+        testkit::create_namespace(client, ns, &[]).await;
+    }
+    let (store, writer) = reflector::store::<LockClaim>();
+    let cfg = watcher::Config::default().labels("bench=scale");
+    let watch = reflector::reflector(writer, watcher(Api::<LockClaim>::all(client.clone()), cfg))
+        .modify(|c| c.metadata.managed_fields = None)
+        .default_backoff()
+        .for_each(|_| futures::future::ready(()));
+    let watch = tokio::spawn(watch);
+    let _ = store.wait_until_ready().await;
+    let mut jobs = Vec::new();
+    for ns in &names {
+        for l in 0..per_ns {
+            for c in 0..per_lease {
+                jobs.push((ns.clone(), format!("l{l}"), format!("l{l}-c{c}")));
+            }
+        }
+    }
+    let total = jobs.len();
+    let t0 = Instant::now();
+    create_all(client, jobs).await;
+    let settle = loop {
+        let claims = store.state();
+        if claims.len() == total && settled(&claims) {
+            break t0.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let t1 = Instant::now();
+    drain(client, &store, total).await;
+    watch.abort();
+    (settle, t1.elapsed(), total)
+}
+
+async fn create_all(client: &Client, jobs: Vec<(String, String, String)>) {
+    futures::stream::iter(jobs)
+        .map(|(ns, lease, name)| {
+            let api: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
+            let mut claim = LockClaim::new(&name, spec(&lease, Renewal::Controller, 3600));
+            claim.metadata.labels = Some([("bench".to_string(), "scale".to_string())].into());
+            async move { api.create(&PostParams::default(), &claim).await }
+        })
+        .buffer_unordered(64)
+        .try_collect::<Vec<_>>()
+        .await
+        .expect("creates");
+}
+
+/// Releases every claim as soon as it is Granted, until all `total` are Released.
+async fn drain(client: &Client, store: &Store<LockClaim>, total: usize) {
+    let mut asked: HashSet<(String, String)> = HashSet::new();
+    loop {
+        let claims = store.state();
+        let released = claims
+            .iter()
+            .filter(|c| c.phase() == Some(Phase::Released))
+            .count();
+        if released == total {
+            return;
+        }
+        let granted: Vec<(String, String)> = claims
+            .iter()
+            .filter(|c| c.phase() == Some(Phase::Granted))
+            .map(|c| {
+                (
+                    c.metadata.namespace.clone().unwrap_or_default(),
+                    c.metadata.name.clone().unwrap_or_default(),
+                )
+            })
+            .filter(|k| !asked.contains(k))
+            .collect();
+        asked.extend(granted.iter().cloned());
+        futures::stream::iter(granted)
+            .map(|(ns, name)| {
+                let api: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
+                async move {
+                    let release = serde_json::json!({"spec": {"release": true}});
+                    let _ = api
+                        .patch(&name, &PatchParams::default(), &Patch::Merge(release))
+                        .await;
+                }
+            })
+            .buffer_unordered(64)
+            .collect::<Vec<_>>()
+            .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every Lease has one Granted claim and its waiting claims hold their true positions.
+fn settled(claims: &[Arc<LockClaim>]) -> bool {
+    let mut by_lease: BTreeMap<(String, String), Vec<&LockClaim>> = BTreeMap::new();
+    for c in claims {
+        let key = (
+            c.metadata.namespace.clone().unwrap_or_default(),
+            c.spec.lease_name.clone(),
+        );
+        by_lease.entry(key).or_default().push(c);
+    }
+    by_lease.values().all(|claims| {
+        let granted = claims
+            .iter()
+            .filter(|c| c.phase() == Some(Phase::Granted))
+            .count();
+        let mut waiting: Vec<&&LockClaim> = claims
+            .iter()
+            .filter(|c| c.phase() != Some(Phase::Granted))
+            .collect();
+        waiting.sort_by_key(|c| {
+            (
+                c.metadata.creation_timestamp.clone().map(|t| t.0),
+                c.metadata.name.clone(),
+            )
+        });
+        granted == 1
+            && waiting.iter().enumerate().all(|(i, c)| {
+                c.phase() == Some(Phase::Pending)
+                    && c.status.as_ref().and_then(|s| s.queue_position) == Some(i as i32 + 1)
+            })
+    })
+}

@@ -1,0 +1,170 @@
+//! The test control plane: `hack/control-plane.sh up target/e2e-plane` (kube-apiserver +
+//! etcd on loopback), started once per test binary, unless `LEASEKEEPER_TEST_KUBECONFIG`
+//! names another cluster to use. The CRDs are installed once.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Api, Client, Config};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")))
+}
+
+struct Plane {
+    kubeconfig: PathBuf,
+    bin: PathBuf,
+}
+
+/// The directory `hack/control-plane.sh` keeps its binaries in.
+pub fn plane_bin_dir() -> PathBuf {
+    let script = root().join("hack/control-plane.sh");
+    String::from_utf8(run_ok(Command::new(&script).arg("bin")).stdout)
+        .expect("utf-8 path")
+        .trim()
+        .into()
+}
+
+fn plane() -> &'static Plane {
+    static PLANE: OnceLock<Plane> = OnceLock::new();
+    PLANE.get_or_init(|| {
+        let kubeconfig = match std::env::var_os("LEASEKEEPER_TEST_KUBECONFIG") {
+            Some(k) => PathBuf::from(k),
+            None => {
+                let dir = root().join("target/e2e-plane");
+                run_ok(
+                    Command::new(root().join("hack/control-plane.sh"))
+                        .arg("up")
+                        .arg(&dir),
+                );
+                dir.join("kubeconfig")
+            }
+        };
+        let plane = Plane {
+            kubeconfig,
+            bin: plane_bin_dir(),
+        };
+        install_crd_files(&plane);
+        plane
+    })
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Every CRD file under `crds/`, applied and Established.
+fn install_crd_files(plane: &Plane) {
+    let dir = root().join("crds");
+    let mut apply = kubectl_cmd(plane);
+    apply
+        .args(["apply", "--server-side", "--force-conflicts", "-f"])
+        .arg(&dir);
+    run_ok(&mut apply);
+    let mut wait = kubectl_cmd(plane);
+    wait.args(["wait", "--for=condition=Established", "--timeout=60s", "-f"])
+        .arg(&dir);
+    run_ok(&mut wait);
+}
+
+fn kubectl_cmd(plane: &Plane) -> Command {
+    let mut c = Command::new(plane.bin.join("kubectl"));
+    c.env("KUBECONFIG", &plane.kubeconfig);
+    c
+}
+
+/// The kubeconfig file of the test control plane.
+pub fn kubeconfig_path() -> &'static Path {
+    &plane().kubeconfig
+}
+
+/// The directory holding kubectl, helm, kube-apiserver and etcd.
+pub fn bin_dir() -> &'static Path {
+    &plane().bin
+}
+
+/// A `kubectl` command pointed at the test control plane.
+pub fn kubectl() -> Command {
+    kubectl_cmd(plane())
+}
+
+/// Runs kubectl with `args` and returns (success, stdout, stderr).
+pub fn kubectl_run(args: &[&str]) -> (bool, String, String) {
+    let out = kubectl().args(args).output().expect("kubectl runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `helm` against the test control plane.
+pub fn helm(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin_dir().join("helm"))
+        .args(args)
+        .env("KUBECONFIG", kubeconfig_path())
+        .env("HELM_CACHE_HOME", root().join("target/helm/cache"))
+        .env("HELM_CONFIG_HOME", root().join("target/helm/config"))
+        .env("HELM_DATA_HOME", root().join("target/helm/data"))
+        .output()
+        .expect("helm runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A client for the cluster of kubeconfig `path`.
+pub async fn client_for(path: &Path) -> Client {
+    let kc = Kubeconfig::read_from(path).expect("kubeconfig readable");
+    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig valid");
+    Client::try_from(cfg).expect("client")
+}
+
+/// A client for the test control plane (one per test: clients are tied to a runtime).
+pub async fn client() -> Client {
+    client_for(kubeconfig_path()).await
+}
+
+/// Applies leasekeeper's CRDs (server-side, as `manager`) and waits until they are
+/// Established: how the benchmark and the chaos run prepare a fresh control plane.
+pub async fn install_crd(client: Client, manager: &str, timeout: Duration) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client);
+    for crd in leasekeeper::api::crds() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(
+            &name,
+            &PatchParams::apply(manager).force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("cannot apply CRD {name}: {e}"));
+        let established = await_condition(crds.clone(), &name, conditions::is_crd_established());
+        match tokio::time::timeout(timeout, established).await {
+            Ok(Ok(_)) => {}
+            other => panic!("CRD {name} not established after {timeout:?}: {other:?}"),
+        }
+    }
+}
