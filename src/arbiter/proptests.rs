@@ -1,5 +1,5 @@
 //! Property tests: random sequences of events against the API model, with every
-//! invariant of DESIGN.md checked after every write the arbiter makes.
+//! invariant of docs/design.md checked after every write the arbiter makes.
 //! `PROPTEST_CASES` sets the number of sequences (CI: 10,000; `make soak`: 1,000,000).
 
 use std::time::Duration;

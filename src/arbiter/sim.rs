@@ -1,6 +1,6 @@
 //! A model of the API server for testing the arbiter: claims and one Lease with
 //! resourceVersions drawn from one global revision (as etcd does), preconditions
-//! enforced on every write, finalizers, and the invariants of DESIGN.md checked after
+//! enforced on every write, finalizers, and the invariants of docs/design.md checked after
 //! every single write, which is every moment a watcher could observe.
 
 use std::collections::{BTreeMap, HashMap};
@@ -413,13 +413,13 @@ impl World {
                     && st
                         .conditions
                         .iter()
-                        .any(|x| x.reason == super::reason::EXPIRED);
+                        .any(|x| x.reason == super::Reason::Expired.as_str());
                 let identity = c.identity();
                 let lost_lease = st.phase == Some(Phase::Expired)
                     && st
                         .conditions
                         .iter()
-                        .any(|x| x.reason == super::reason::LEASE_LOST);
+                        .any(|x| x.reason == super::Reason::LeaseLost.as_str());
                 c.status = Some(st);
                 c.metadata.resource_version = Some(next_rv.clone());
                 rvs.insert(claim.clone(), next_rv);

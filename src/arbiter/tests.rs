@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::sim::{spec, HolderProc, World};
-use super::{reason, Step, Target, CONDITION_FINISHED, LOCK_DELAY_ANNOTATION};
+use super::{Reason, Step, Target, CONDITION_FINISHED, LOCK_DELAY_ANNOTATION};
 use crate::api::{Phase, Renewal, CONDITION_GRANTED};
 use crate::{FINALIZER, MANAGED_BY_LABEL};
 
@@ -21,7 +21,7 @@ fn reasons(w: &World, target: &str) -> Vec<&'static str> {
     w.notes
         .iter()
         .filter(|n| n.target == Target::Claim(target.into()))
-        .map(|n| n.reason)
+        .map(|n| n.reason.as_str())
         .collect()
 }
 
@@ -70,7 +70,7 @@ fn a_claim_on_an_absent_lease_creates_it_and_is_granted() {
             .map(|c| c.status.as_str()),
         Some("True")
     );
-    assert!(reasons(&w, "a").contains(&reason::GRANTED));
+    assert!(reasons(&w, "a").contains(&Reason::Granted.as_str()));
 }
 
 #[test]
@@ -114,9 +114,9 @@ fn waiting_claims_get_queue_positions_priority_first_then_age() {
             w.claims[n]
                 .condition(CONDITION_GRANTED)
                 .map(|c| c.reason.as_str()),
-            Some(reason::QUEUED)
+            Some(Reason::Queued.as_str())
         );
-        assert!(reasons(&w, n).contains(&reason::QUEUED));
+        assert!(reasons(&w, n).contains(&Reason::Queued.as_str()));
     }
     w.check_settled().expect("settled");
 }
@@ -190,7 +190,7 @@ fn release_true_marks_released_then_the_next_claim_is_granted_in_that_order() {
             .map(|c| c.status.as_str()),
         Some("True")
     );
-    assert!(reasons(&w, "a").contains(&reason::RELEASED));
+    assert!(reasons(&w, "a").contains(&Reason::Released.as_str()));
 }
 
 #[test]
@@ -232,7 +232,7 @@ fn a_holder_that_renews_stays_granted_and_one_that_stops_expires_after_the_durat
     assert_eq!(w.phase("b"), Some(Phase::Granted));
     assert!(plan
         .outcomes
-        .contains(&super::Outcome::Expired(reason::EXPIRED)));
+        .contains(&super::Outcome::Expired(Reason::Expired)));
     assert!(w.status("a").expire_time.is_some());
 }
 
@@ -279,7 +279,7 @@ fn lock_delay_keeps_the_lease_unassigned_after_an_expiry() {
             .condition(CONDITION_GRANTED)
             .map(|c| c.reason.clone())
             .as_deref(),
-        Some(reason::LOCK_DELAY)
+        Some(Reason::LockDelay.as_str())
     );
     w.restart();
     w.advance(secs(6));
@@ -366,7 +366,7 @@ fn max_hold_ends_a_grant_as_expired() {
             .condition(CONDITION_GRANTED)
             .map(|c| c.reason.clone())
             .as_deref(),
-        Some(reason::MAX_HOLD_EXCEEDED)
+        Some(Reason::MaxHoldExceeded.as_str())
     );
 }
 
@@ -445,7 +445,7 @@ fn an_outsiders_lease_is_respected_while_renewed_then_taken_over() {
             .condition(CONDITION_GRANTED)
             .map(|c| c.reason.clone())
             .as_deref(),
-        Some(reason::HELD_EXTERNALLY)
+        Some(Reason::HeldExternally.as_str())
     );
     assert_eq!(
         w.status("a").holder_identity.as_deref(),
@@ -460,11 +460,11 @@ fn an_outsiders_lease_is_respected_while_renewed_then_taken_over() {
     w.advance(secs(6));
     w.settle();
     assert_eq!(w.phase("a"), Some(Phase::Granted));
-    assert!(reasons(&w, "a").contains(&reason::TAKEN_OVER));
+    assert!(reasons(&w, "a").contains(&Reason::TakenOver.as_str()));
     assert!(w
         .notes
         .iter()
-        .any(|n| n.target == Target::Lease && n.reason == reason::TAKEN_OVER));
+        .any(|n| n.target == Target::Lease && n.reason == Reason::TakenOver));
     let lease = w.lease.as_ref().expect("lease");
     assert!(
         !super::is_managed(lease),
@@ -488,7 +488,7 @@ fn a_duplicate_identity_is_rejected_and_the_older_claim_kept() {
             .condition(CONDITION_GRANTED)
             .map(|c| c.reason.clone())
             .as_deref(),
-        Some(reason::DUPLICATE_IDENTITY)
+        Some(Reason::DuplicateIdentity.as_str())
     );
 }
 
@@ -510,7 +510,7 @@ fn an_unused_managed_lease_is_garbage_collected_and_tokens_keep_rising() {
     assert!(plan
         .steps
         .iter()
-        .any(|s| matches!(s, Step::Event(n) if n.reason == reason::LEASE_GARBAGE_COLLECTED)));
+        .any(|s| matches!(s, Step::Event(n) if n.reason == Reason::LeaseGarbageCollected)));
     w.create("b", spec(15));
     w.settle();
     assert!(w.status("b").fencing_token.expect("token") > t1);
@@ -560,8 +560,8 @@ fn a_claim_deleted_or_released_while_waiting_is_never_granted() {
     assert!(!w.claims.contains_key("b"));
     assert_eq!(w.phase("c"), Some(Phase::Released));
     assert_eq!(w.holder(), None);
-    assert!(!reasons(&w, "b").contains(&reason::GRANTED));
-    assert!(!reasons(&w, "c").contains(&reason::GRANTED));
+    assert!(!reasons(&w, "b").contains(&Reason::Granted.as_str()));
+    assert!(!reasons(&w, "c").contains(&Reason::Granted.as_str()));
 }
 
 #[test]
@@ -613,7 +613,7 @@ fn a_lease_deleted_while_held_is_reported_and_regranted() {
             .condition(CONDITION_GRANTED)
             .map(|c| c.reason.clone())
             .as_deref(),
-        Some(reason::LEASE_LOST)
+        Some(Reason::LeaseLost.as_str())
     );
     assert!(w
         .notes

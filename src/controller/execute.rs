@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -11,116 +12,11 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use super::{Context, LeaseKey};
-use crate::api::LockClaim;
+use super::{chaos, Context, Error, LeaseKey};
+use crate::api::{LockClaim, LockClaimStatus};
 use crate::arbiter::{LeaseWriteKind, Note, Plan, Step, Target};
 use crate::telemetry::WriteKind;
 use crate::{FINALIZER, MANAGER};
-
-/// A failed reconcile step. Variants double as stable reasons for metrics and Events.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// An object changed (or vanished) since it was read: re-read and re-decide.
-    #[error("{what} changed since it was read")]
-    Conflict {
-        /// The object.
-        what: String,
-    },
-    /// Reading the Lease failed.
-    #[error("cannot read Lease {name}: {source}")]
-    LeaseReadFailed {
-        /// Lease name.
-        name: String,
-        /// Cause.
-        #[source]
-        source: kube::Error,
-    },
-    /// Creating or updating the Lease failed.
-    #[error("cannot write Lease {name}: {source}")]
-    LeaseWriteFailed {
-        /// Lease name.
-        name: String,
-        /// Cause.
-        #[source]
-        source: kube::Error,
-    },
-    /// Deleting the Lease failed.
-    #[error("cannot delete Lease {name}: {source}")]
-    LeaseDeleteFailed {
-        /// Lease name.
-        name: String,
-        /// Cause.
-        #[source]
-        source: kube::Error,
-    },
-    /// Writing a claim's status failed.
-    #[error("cannot write the status of LockClaim {claim}: {source}")]
-    ClaimStatusFailed {
-        /// Claim name.
-        claim: String,
-        /// Cause.
-        #[source]
-        source: kube::Error,
-    },
-    /// Adding or removing the finalizer failed.
-    #[error("cannot update the finalizer of LockClaim {claim}: {source}")]
-    FinalizerFailed {
-        /// Claim name.
-        claim: String,
-        /// Cause.
-        #[source]
-        source: kube::Error,
-    },
-    /// Deleting a finished claim failed.
-    #[error("cannot delete LockClaim {claim}: {source}")]
-    ClaimDeleteFailed {
-        /// Claim name.
-        claim: String,
-        /// Cause.
-        #[source]
-        source: kube::Error,
-    },
-    /// This replica's leadership term ran out before a write of the plan for Lease
-    /// `lease`: the rest of the plan is dropped (the next leader decides afresh).
-    #[error("leadership term ran out before a write for Lease {lease}; plan dropped")]
-    TermEnded {
-        /// Lease name.
-        lease: String,
-    },
-}
-
-impl Error {
-    /// Every reason [`Error::reason`] can return (metrics start them at zero).
-    pub const REASONS: [&'static str; 8] = [
-        "Conflict",
-        "LeaseReadFailed",
-        "LeaseWriteFailed",
-        "LeaseDeleteFailed",
-        "ClaimStatusFailed",
-        "FinalizerFailed",
-        "ClaimDeleteFailed",
-        "TermEnded",
-    ];
-
-    /// A stable PascalCase reason for metric labels and Events.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Error::Conflict { .. } => "Conflict",
-            Error::LeaseReadFailed { .. } => "LeaseReadFailed",
-            Error::LeaseWriteFailed { .. } => "LeaseWriteFailed",
-            Error::LeaseDeleteFailed { .. } => "LeaseDeleteFailed",
-            Error::ClaimStatusFailed { .. } => "ClaimStatusFailed",
-            Error::FinalizerFailed { .. } => "FinalizerFailed",
-            Error::ClaimDeleteFailed { .. } => "ClaimDeleteFailed",
-            Error::TermEnded { .. } => "TermEnded",
-        }
-    }
-
-    /// Conflicts resolve themselves on the next read; everything else backs off longer.
-    pub fn is_conflict(&self) -> bool {
-        matches!(self, Error::Conflict { .. })
-    }
-}
 
 fn is_status(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
@@ -149,7 +45,7 @@ pub struct Written {
     /// Claims' resourceVersions after our writes.
     pub claims: HashMap<String, u64>,
     /// When (monotonic) a granting Lease write completed.
-    pub granted_at: Option<std::time::Duration>,
+    pub granted_at: Option<Duration>,
 }
 
 /// Runs the plan's steps in order.
@@ -160,23 +56,8 @@ pub async fn execute(
     claims: &[Arc<LockClaim>],
     lease: Option<&Lease>,
 ) -> Result<Written, Error> {
-    let claim_api: Api<LockClaim> = Api::namespaced(ctx.client.clone(), &key.namespace);
-    let lease_api: Api<Lease> = Api::namespaced(ctx.client.clone(), &key.namespace);
-    let by_name: HashMap<String, &LockClaim> =
-        claims.iter().map(|c| (c.name_any(), c.as_ref())).collect();
-    let mut rvs: HashMap<String, String> = claims
-        .iter()
-        .map(|c| (c.name_any(), c.resource_version().unwrap_or_default()))
-        .collect();
-    let mut finalizers: HashMap<String, Vec<String>> = claims
-        .iter()
-        .map(|c| (c.name_any(), c.finalizers().to_vec()))
-        .collect();
-    let mut written = Written::default();
-    let mut last_lease: Option<Lease> = lease.cloned();
-    let mut last_lease_rv: Option<i64> = None;
-
-    let steps = sabotage(&plan.steps, lease);
+    let mut x = Executor::new(ctx, key, claims, lease);
+    let steps = chaos::steps(&plan.steps, lease);
     for step in steps.iter() {
         // A write decided as leader is made only while the term lasts: a leader that
         // froze mid-plan and woke past its term stops here (reads and Events go on).
@@ -185,196 +66,9 @@ pub async fn execute(
                 lease: key.name.clone(),
             });
         }
-        match step {
-            Step::VerifyLease { .. } if super::broken("no-precondition") => {}
-            Step::VerifyLease { resource_version } => {
-                let fresh = lease_api.get_opt(&key.name).await.map_err(|source| {
-                    Error::LeaseReadFailed {
-                        name: key.name.clone(),
-                        source,
-                    }
-                })?;
-                let rv = fresh.as_ref().and_then(|l| l.resource_version());
-                if &rv != resource_version {
-                    return Err(Error::Conflict {
-                        what: format!("Lease {}", key.name),
-                    });
-                }
-            }
-            Step::AddFinalizer { claim } | Step::RemoveFinalizer { claim } => {
-                let mut f = finalizers.get(claim).cloned().unwrap_or_default();
-                if matches!(step, Step::AddFinalizer { .. }) {
-                    f.push(FINALIZER.to_string());
-                } else {
-                    f.retain(|x| x != FINALIZER);
-                }
-                let patch = json!({"metadata": {
-                    "resourceVersion": rvs.get(claim),
-                    "finalizers": f,
-                }});
-                let res = claim_api
-                    .patch(claim, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                    .map_err(|e| {
-                        classify(e, format!("LockClaim {claim}"), |source| {
-                            Error::FinalizerFailed {
-                                claim: claim.clone(),
-                                source,
-                            }
-                        })
-                    });
-                ctx.metrics.write(WriteKind::ClaimFinalizer);
-                match res {
-                    Ok(obj) => {
-                        note_claim(&mut rvs, &mut written, claim, obj.resource_version());
-                        finalizers.insert(claim.clone(), f);
-                    }
-                    // The object went away once its last finalizer came off: fine.
-                    Err(Error::Conflict { .. }) if matches!(step, Step::RemoveFinalizer { .. }) => {
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            Step::SetStatus {
-                claim,
-                status,
-                fill_token,
-            } => {
-                let mut status = status.clone();
-                if *fill_token {
-                    status.fencing_token = last_lease_rv;
-                }
-                let body = json!({
-                    "apiVersion": "leasekeeper.io/v1alpha1",
-                    "kind": "LockClaim",
-                    "metadata": {"name": claim, "resourceVersion": rvs.get(claim)},
-                    "status": status,
-                });
-                let obj = claim_api
-                    .patch_status(
-                        claim,
-                        &PatchParams::apply(MANAGER).force(),
-                        &Patch::Apply(&body),
-                    )
-                    .await
-                    .map_err(|e| {
-                        classify(e, format!("LockClaim {claim}"), |source| {
-                            Error::ClaimStatusFailed {
-                                claim: claim.clone(),
-                                source,
-                            }
-                        })
-                    })?;
-                ctx.metrics.write(WriteKind::ClaimStatus);
-                note_claim(&mut rvs, &mut written, claim, obj.resource_version());
-            }
-            Step::WriteLease { kind, lease } => {
-                let result = if super::broken("no-precondition") {
-                    // NEGATIVE CONTROL: write whatever is there, with no precondition.
-                    let mut l = (**lease).clone();
-                    l.metadata.resource_version = None;
-                    match lease_api.create(&PostParams::default(), &l).await {
-                        Err(kube::Error::Api(s)) if s.code == 409 => {
-                            match lease_api.get_opt(&key.name).await {
-                                Ok(Some(cur)) => {
-                                    l.metadata.resource_version = cur.metadata.resource_version;
-                                    lease_api
-                                        .replace(&key.name, &PostParams::default(), &l)
-                                        .await
-                                }
-                                Ok(None) => lease_api.create(&PostParams::default(), &l).await,
-                                Err(e) => Err(e),
-                            }
-                        }
-                        other => other,
-                    }
-                } else {
-                    match kind {
-                        LeaseWriteKind::Create => {
-                            lease_api.create(&PostParams::default(), lease).await
-                        }
-                        _ => {
-                            lease_api
-                                .replace(&key.name, &PostParams::default(), lease)
-                                .await
-                        }
-                    }
-                };
-                let obj = result.map_err(|e| {
-                    classify(e, format!("Lease {}", key.name), |source| {
-                        Error::LeaseWriteFailed {
-                            name: key.name.clone(),
-                            source,
-                        }
-                    })
-                })?;
-                ctx.metrics.write(match kind {
-                    LeaseWriteKind::Create => WriteKind::LeaseCreate,
-                    LeaseWriteKind::Grant => WriteKind::LeaseGrant,
-                    LeaseWriteKind::Renew => WriteKind::LeaseRenew,
-                    LeaseWriteKind::Clear => WriteKind::LeaseClear,
-                });
-                let rv = obj.resource_version();
-                last_lease_rv = rv.as_ref().and_then(|v| v.parse().ok());
-                written.lease = parse_rv(rv.as_ref());
-                if matches!(kind, LeaseWriteKind::Create | LeaseWriteKind::Grant) {
-                    written.granted_at = Some(ctx.mono());
-                }
-                last_lease = Some(obj);
-            }
-            Step::DeleteLease { resource_version } => {
-                let dp = DeleteParams {
-                    preconditions: Some(Preconditions {
-                        resource_version: Some(resource_version.clone()),
-                        uid: None,
-                    }),
-                    ..DeleteParams::default()
-                };
-                lease_api.delete(&key.name, &dp).await.map_err(|e| {
-                    classify(e, format!("Lease {}", key.name), |source| {
-                        Error::LeaseDeleteFailed {
-                            name: key.name.clone(),
-                            source,
-                        }
-                    })
-                })?;
-                ctx.metrics.write(WriteKind::LeaseDelete);
-                written.lease = None;
-                written.lease_deleted = true;
-            }
-            Step::DeleteClaim { claim } => {
-                let dp = DeleteParams {
-                    preconditions: Some(Preconditions {
-                        resource_version: rvs.get(claim).cloned(),
-                        uid: None,
-                    }),
-                    ..DeleteParams::default()
-                };
-                match claim_api.delete(claim, &dp).await {
-                    Ok(_) => ctx.metrics.write(WriteKind::ClaimDelete),
-                    Err(e) if is_status(&e, 404) => {}
-                    Err(e) => {
-                        return Err(classify(e, format!("LockClaim {claim}"), |source| {
-                            Error::ClaimDeleteFailed {
-                                claim: claim.clone(),
-                                source,
-                            }
-                        }))
-                    }
-                }
-            }
-            Step::Event(note) => {
-                let reference = match &note.target {
-                    Target::Claim(n) => by_name.get(n).map(|c| c.object_ref(&())),
-                    Target::Lease => last_lease.as_ref().or(lease).map(|l| l.object_ref(&())),
-                };
-                if let Some(reference) = reference {
-                    publish(ctx, note, &reference).await;
-                }
-            }
-        }
+        x.step(step).await?;
     }
-    Ok(written)
+    Ok(x.written)
 }
 
 /// Whether a step writes an object (Events are best effort and not arbitration state).
@@ -382,58 +76,258 @@ fn is_write(step: &Step) -> bool {
     !matches!(step, Step::VerifyLease { .. } | Step::Event(_))
 }
 
-/// The plan as the negative controls break it (unchanged unless a control is on):
-/// `grant-before-lease` marks the new holder Granted before the Lease is written.
-fn sabotage<'a>(steps: &'a [Step], lease: Option<&Lease>) -> std::borrow::Cow<'a, [Step]> {
-    if !super::broken("grant-before-lease") {
-        return std::borrow::Cow::Borrowed(steps);
-    }
-    let mut out: Vec<Step> = steps.to_vec();
-    let write = out.iter().position(|s| {
-        matches!(
-            s,
-            Step::WriteLease {
-                kind: LeaseWriteKind::Create | LeaseWriteKind::Grant,
-                ..
-            }
-        )
-    });
-    let grant = out.iter().position(|s| {
-        matches!(
-            s,
-            Step::SetStatus {
-                fill_token: true,
-                ..
-            }
-        )
-    });
-    if let (Some(w), Some(g)) = (write, grant) {
-        let mut step = out.remove(g);
-        if let Step::SetStatus {
-            status, fill_token, ..
-        } = &mut step
-        {
-            *fill_token = false;
-            status.fencing_token = lease
-                .and_then(|l| l.metadata.resource_version.as_ref())
-                .and_then(|v| v.parse().ok());
-        }
-        out.insert(w, step);
-    }
-    std::borrow::Cow::Owned(out)
+/// The state of one plan's execution: the preconditions each next write carries.
+struct Executor<'a> {
+    ctx: &'a Context,
+    key: &'a LeaseKey,
+    claim_api: Api<LockClaim>,
+    lease_api: Api<Lease>,
+    by_name: HashMap<String, &'a LockClaim>,
+    /// Each claim's resourceVersion as last read or written.
+    rvs: HashMap<String, String>,
+    finalizers: HashMap<String, Vec<String>>,
+    /// The Lease as read, then as our last write left it.
+    lease: Option<Lease>,
+    /// The resourceVersion our last Lease write returned: the next grant's token.
+    lease_token: Option<i64>,
+    written: Written,
 }
 
-fn note_claim(
-    rvs: &mut HashMap<String, String>,
-    written: &mut Written,
-    claim: &str,
-    rv: Option<String>,
-) {
-    if let Some(rv) = rv {
-        if let Ok(n) = rv.parse() {
-            written.claims.insert(claim.to_string(), n);
+impl<'a> Executor<'a> {
+    fn new(
+        ctx: &'a Context,
+        key: &'a LeaseKey,
+        claims: &'a [Arc<LockClaim>],
+        lease: Option<&Lease>,
+    ) -> Executor<'a> {
+        Executor {
+            ctx,
+            key,
+            claim_api: Api::namespaced(ctx.client.clone(), &key.namespace),
+            lease_api: Api::namespaced(ctx.client.clone(), &key.namespace),
+            by_name: claims.iter().map(|c| (c.name_any(), c.as_ref())).collect(),
+            rvs: claims
+                .iter()
+                .map(|c| (c.name_any(), c.resource_version().unwrap_or_default()))
+                .collect(),
+            finalizers: claims
+                .iter()
+                .map(|c| (c.name_any(), c.finalizers().to_vec()))
+                .collect(),
+            lease: lease.cloned(),
+            lease_token: None,
+            written: Written::default(),
         }
-        rvs.insert(claim.to_string(), rv);
+    }
+
+    async fn step(&mut self, step: &Step) -> Result<(), Error> {
+        match step {
+            Step::VerifyLease { .. } if chaos::skips_lease_check() => Ok(()),
+            Step::VerifyLease { resource_version } => self.verify_lease(resource_version).await,
+            Step::AddFinalizer { claim } => self.finalizer(claim, true).await,
+            Step::RemoveFinalizer { claim } => self.finalizer(claim, false).await,
+            Step::SetStatus {
+                claim,
+                status,
+                fill_token,
+            } => self.set_status(claim, status, *fill_token).await,
+            Step::WriteLease { kind, lease } => self.write_lease(*kind, lease).await,
+            Step::DeleteLease { resource_version } => self.delete_lease(resource_version).await,
+            Step::DeleteClaim { claim } => self.delete_claim(claim).await,
+            Step::Event(note) => {
+                self.event(note).await;
+                Ok(())
+            }
+        }
+    }
+
+    fn lease_conflict(&self) -> String {
+        format!("Lease {}", self.key.name)
+    }
+
+    /// A quorum read of the Lease: the plan goes on only if it is as decided from.
+    async fn verify_lease(&self, resource_version: &Option<String>) -> Result<(), Error> {
+        let fresh = self
+            .lease_api
+            .get_opt(&self.key.name)
+            .await
+            .map_err(|source| Error::LeaseReadFailed {
+                name: self.key.name.clone(),
+                source,
+            })?;
+        let rv = fresh.as_ref().and_then(|l| l.resource_version());
+        if &rv != resource_version {
+            return Err(Error::Conflict {
+                what: self.lease_conflict(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn finalizer(&mut self, claim: &str, add: bool) -> Result<(), Error> {
+        let mut f = self.finalizers.get(claim).cloned().unwrap_or_default();
+        if add {
+            f.push(FINALIZER.to_string());
+        } else {
+            f.retain(|x| x != FINALIZER);
+        }
+        let patch = json!({"metadata": {
+            "resourceVersion": self.rvs.get(claim),
+            "finalizers": f,
+        }});
+        let res = self
+            .claim_api
+            .patch(claim, &PatchParams::default(), &Patch::Merge(&patch))
+            .await;
+        self.ctx.metrics.write(WriteKind::ClaimFinalizer);
+        match res {
+            Ok(obj) => {
+                self.note_claim(claim, obj.resource_version());
+                self.finalizers.insert(claim.to_string(), f);
+                Ok(())
+            }
+            Err(e) => match classify(e, format!("LockClaim {claim}"), |source| {
+                Error::FinalizerFailed {
+                    claim: claim.to_string(),
+                    source,
+                }
+            }) {
+                // The object went away (or moved on) once its last finalizer came off.
+                Error::Conflict { .. } if !add => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn set_status(
+        &mut self,
+        claim: &str,
+        status: &LockClaimStatus,
+        fill_token: bool,
+    ) -> Result<(), Error> {
+        let mut status = status.clone();
+        if fill_token {
+            status.fencing_token = self.lease_token;
+        }
+        let body = json!({
+            "apiVersion": "leasekeeper.io/v1alpha1",
+            "kind": "LockClaim",
+            "metadata": {"name": claim, "resourceVersion": self.rvs.get(claim)},
+            "status": status,
+        });
+        let obj = self
+            .claim_api
+            .patch_status(
+                claim,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+            .map_err(|e| {
+                classify(e, format!("LockClaim {claim}"), |source| {
+                    Error::ClaimStatusFailed {
+                        claim: claim.to_string(),
+                        source,
+                    }
+                })
+            })?;
+        self.ctx.metrics.write(WriteKind::ClaimStatus);
+        self.note_claim(claim, obj.resource_version());
+        Ok(())
+    }
+
+    async fn write_lease(&mut self, kind: LeaseWriteKind, lease: &Lease) -> Result<(), Error> {
+        let pp = PostParams::default();
+        let result = match chaos::write_lease(&self.lease_api, &self.key.name, lease).await {
+            Some(sabotaged) => sabotaged,
+            None if kind == LeaseWriteKind::Create => self.lease_api.create(&pp, lease).await,
+            None => self.lease_api.replace(&self.key.name, &pp, lease).await,
+        };
+        let obj = result.map_err(|e| {
+            classify(e, self.lease_conflict(), |source| Error::LeaseWriteFailed {
+                name: self.key.name.clone(),
+                source,
+            })
+        })?;
+        self.ctx.metrics.write(match kind {
+            LeaseWriteKind::Create => WriteKind::LeaseCreate,
+            LeaseWriteKind::Grant => WriteKind::LeaseGrant,
+            LeaseWriteKind::Renew => WriteKind::LeaseRenew,
+            LeaseWriteKind::Clear => WriteKind::LeaseClear,
+        });
+        let rv = obj.resource_version();
+        self.lease_token = rv.as_ref().and_then(|v| v.parse().ok());
+        self.written.lease = parse_rv(rv.as_ref());
+        if matches!(kind, LeaseWriteKind::Create | LeaseWriteKind::Grant) {
+            self.written.granted_at = Some(self.ctx.mono());
+        }
+        self.lease = Some(obj);
+        Ok(())
+    }
+
+    async fn delete_lease(&mut self, resource_version: &str) -> Result<(), Error> {
+        let dp = precondition(Some(resource_version.to_string()));
+        self.lease_api
+            .delete(&self.key.name, &dp)
+            .await
+            .map_err(|e| {
+                classify(e, self.lease_conflict(), |source| {
+                    Error::LeaseDeleteFailed {
+                        name: self.key.name.clone(),
+                        source,
+                    }
+                })
+            })?;
+        self.ctx.metrics.write(WriteKind::LeaseDelete);
+        self.written.lease = None;
+        self.written.lease_deleted = true;
+        Ok(())
+    }
+
+    async fn delete_claim(&mut self, claim: &str) -> Result<(), Error> {
+        let dp = precondition(self.rvs.get(claim).cloned());
+        match self.claim_api.delete(claim, &dp).await {
+            Ok(_) => {
+                self.ctx.metrics.write(WriteKind::ClaimDelete);
+                Ok(())
+            }
+            Err(e) if is_status(&e, 404) => Ok(()),
+            Err(e) => Err(classify(e, format!("LockClaim {claim}"), |source| {
+                Error::ClaimDeleteFailed {
+                    claim: claim.to_string(),
+                    source,
+                }
+            })),
+        }
+    }
+
+    async fn event(&self, note: &Note) {
+        let reference = match &note.target {
+            Target::Claim(n) => self.by_name.get(n).map(|c| c.object_ref(&())),
+            Target::Lease => self.lease.as_ref().map(|l| l.object_ref(&())),
+        };
+        if let Some(reference) = reference {
+            publish(self.ctx, note, &reference).await;
+        }
+    }
+
+    fn note_claim(&mut self, claim: &str, rv: Option<String>) {
+        if let Some(rv) = rv {
+            if let Ok(n) = rv.parse() {
+                self.written.claims.insert(claim.to_string(), n);
+            }
+            self.rvs.insert(claim.to_string(), rv);
+        }
+    }
+}
+
+fn precondition(resource_version: Option<String>) -> DeleteParams {
+    DeleteParams {
+        preconditions: Some(Preconditions {
+            resource_version,
+            uid: None,
+        }),
+        ..DeleteParams::default()
     }
 }
 
@@ -445,7 +339,7 @@ pub async fn publish(ctx: &Context, note: &Note, reference: &ObjectReference) {
         } else {
             EventType::Normal
         },
-        reason: note.reason.to_string(),
+        reason: note.reason.as_str().to_string(),
         note: Some(note.message.clone()),
         action: "Arbitrate".into(),
         secondary: None,
@@ -456,6 +350,6 @@ pub async fn publish(ctx: &Context, note: &Note, reference: &ObjectReference) {
     // hold tens of thousands of Events under load, and cost a scan per publish.
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     if let Err(e) = recorder.publish(&ev, reference).await {
-        tracing::debug!(error = %e, reason = note.reason, "cannot publish Event");
+        tracing::debug!(error = %e, reason = note.reason.as_str(), "cannot publish Event");
     }
 }

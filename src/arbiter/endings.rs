@@ -1,0 +1,83 @@
+//! Write-order step 2: claims that end are marked not Granted before the Lease moves.
+
+use super::ends::Ends;
+use super::free::Free;
+use super::view::View;
+use super::{deleting, name, status, Draft, End, Note, Outcome, Reason, Step, Target};
+use crate::api::{LockClaim, Phase};
+
+pub(super) fn mark(v: &View<'_>, ends: &Ends, free: &Free<'_>, d: &mut Draft) {
+    let mut notes = Vec::new();
+    for c in &v.live {
+        let Some(end) = ends.of(c) else {
+            continue;
+        };
+        let was_holder = c.phase() == Some(Phase::Granted);
+        if deleting(c) && !was_holder {
+            // Nothing to tell a watcher: it never held the Lease. Just let it go.
+            continue;
+        }
+        let (phase, why, msg) = verdict(v.lease_name(), c, end);
+        let st = status::finished(c, phase, why, &msg, free.holder_now.clone(), v.now.wall);
+        d.push(Step::SetStatus {
+            claim: name(c),
+            status: st,
+            fill_token: false,
+        });
+        let (warning, reason) = match end {
+            End::Released => (false, Reason::Released),
+            End::Expired(_) => (true, Reason::Expired),
+            End::Rejected => (true, Reason::Rejected),
+        };
+        notes.push(Note {
+            target: Target::Claim(name(c)),
+            warning,
+            reason,
+            message: msg,
+        });
+        if was_holder {
+            d.plan.outcomes.push(match end {
+                End::Expired(r) => Outcome::Expired(r),
+                _ => Outcome::Released,
+            });
+            d.plan.memory.freed_at = Some(v.now.mono);
+        }
+    }
+    d.plan.steps.extend(notes.into_iter().map(Step::Event));
+}
+
+/// The phase, condition reason and message of an ending.
+fn verdict(lease: &str, c: &LockClaim, end: End) -> (Phase, Reason, String) {
+    match end {
+        End::Released => (
+            Phase::Released,
+            Reason::Released,
+            format!("released Lease {lease}"),
+        ),
+        End::Expired(r) => (Phase::Expired, r, expiry_message(r, lease, c)),
+        End::Rejected => (
+            Phase::Rejected,
+            Reason::DuplicateIdentity,
+            format!(
+                "another live claim for Lease {lease} has holderIdentity {:?}",
+                c.identity()
+            ),
+        ),
+    }
+}
+
+fn expiry_message(r: Reason, lease: &str, c: &LockClaim) -> String {
+    match r {
+        Reason::MaxHoldExceeded => format!(
+            "held Lease {lease} for maxHoldSeconds={}",
+            c.spec.max_hold_seconds.unwrap_or_default()
+        ),
+        Reason::LeaseLost => {
+            format!("Lease {lease} was deleted or given to someone else outside leasekeeper")
+        }
+        _ => format!(
+            "no renewal of Lease {lease} observed for leaseDurationSeconds={}",
+            c.spec.lease_duration_seconds
+        ),
+    }
+}

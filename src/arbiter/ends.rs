@@ -1,0 +1,109 @@
+//! Phase 2, what ends: claims that want out, holders that lost the Lease, a holder no
+//! longer entitled to it (missed renewals, maxHoldSeconds), duplicate identities.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::view::View;
+use super::{add_secs, deleting, name, Draft, End, Reason};
+use crate::api::{LockClaim, Phase, Renewal};
+
+/// How each live claim that ends in this plan ends.
+#[derive(Default)]
+pub(super) struct Ends {
+    by_claim: BTreeMap<String, End>,
+    /// Seconds of lock delay owed by the holder's expiry in this plan.
+    pub lock_delay_from_expiry: Option<i64>,
+}
+
+impl Ends {
+    /// How `c` ends, if it does.
+    pub fn of(&self, c: &LockClaim) -> Option<End> {
+        self.by_claim.get(&name(c)).copied()
+    }
+
+    /// Whether `c` ends in this plan.
+    pub fn ends(&self, c: &LockClaim) -> bool {
+        self.by_claim.contains_key(&name(c))
+    }
+
+    /// Whether any verdict was drawn from the Lease.
+    pub fn any_drawn_from_lease(&self) -> bool {
+        self.by_claim.values().any(|e| e.drawn_from_lease())
+    }
+
+    fn end(&mut self, c: &LockClaim, how: End) {
+        self.by_claim.insert(name(c), how);
+    }
+}
+
+pub(super) fn decide(v: &View<'_>, d: &mut Draft) -> Ends {
+    let mut e = Ends::default();
+    for c in v.live.iter().filter(|c| c.spec.release || deleting(c)) {
+        e.end(c, End::Released);
+    }
+    // Claims marked Granted that the Lease no longer names lost it.
+    for c in &v.live {
+        if c.phase() == Some(Phase::Granted) && !v.is_holder(c) && !e.ends(c) {
+            e.end(c, End::Expired(Reason::LeaseLost));
+        }
+    }
+    if let Some(h) = v.holder_claim.filter(|h| !e.ends(h)) {
+        holder_entitlement(v, h, d, &mut e);
+    }
+    duplicates(v, &mut e);
+    e
+}
+
+/// Is the holder claim still entitled to the Lease? A Holder-renewal claim whose
+/// renewal has not been observed for its duration expires; maxHoldSeconds caps a hold.
+fn holder_entitlement(v: &View<'_>, h: &LockClaim, d: &mut Draft, e: &mut Ends) {
+    let now = v.now;
+    let seen = d.plan.memory.seen.clone();
+    // The Lease's acquireTime has microseconds; the claim's status (metav1.Time) only
+    // seconds, so it is the fallback, rounded up.
+    let acquired = super::lease::acquire_time(v.lease()).or_else(|| {
+        h.status
+            .as_ref()
+            .and_then(|s| s.acquire_time.as_ref())
+            .map(|t| add_secs(t.0, 1))
+    });
+    if h.spec.renewal == Renewal::Holder && seen.as_ref().is_some_and(|s| now.mono >= s.deadline) {
+        e.end(h, End::Expired(Reason::Expired));
+    } else if let (Some(max), Some(acq)) = (h.spec.max_hold_seconds, acquired) {
+        let until = add_secs(acq, max);
+        if now.wall >= until {
+            e.end(h, End::Expired(Reason::MaxHoldExceeded));
+        } else {
+            d.due.wall(now.wall, until);
+        }
+    }
+    if let Some(End::Expired(_)) = e.of(h) {
+        if h.spec.lock_delay_seconds > 0 {
+            e.lock_delay_from_expiry = Some(i64::from(h.spec.lock_delay_seconds));
+        }
+    } else if h.spec.renewal == Renewal::Holder {
+        if let Some(s) = seen {
+            d.due.at(now.mono, s.deadline);
+        }
+    }
+}
+
+/// Duplicate identities among claims that stay live: keep the holder, else the oldest.
+fn duplicates(v: &View<'_>, e: &mut Ends) {
+    let mut by_identity: HashMap<String, Vec<&LockClaim>> = HashMap::new();
+    for c in v.live.iter().filter(|c| !e.ends(c)) {
+        by_identity.entry(c.identity()).or_default().push(c);
+    }
+    for group in by_identity.values().filter(|g| g.len() > 1) {
+        let keep = group
+            .iter()
+            .find(|c| v.is_holder(c))
+            .or_else(|| group.iter().min_by_key(|c| (super::created(c), name(c))))
+            .map(|c| name(c));
+        for c in group {
+            if Some(name(c)) != keep {
+                e.end(c, End::Rejected);
+            }
+        }
+    }
+}

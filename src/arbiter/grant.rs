@@ -1,0 +1,159 @@
+//! Write-order steps 3 and 4: the Lease write (a grant, a clear, or a renewal), then
+//! the new holder marked Granted; or an interrupted grant completed.
+
+use k8s_openapi::api::coordination::v1::Lease;
+
+use super::free::Free;
+use super::view::View;
+use super::{
+    claim_duration, created, deleting, lease, name, since, status, Draft, LeaseWriteKind, Outcome,
+    Reason, Seen, Step, Target,
+};
+use crate::api::{LockClaim, Phase, Renewal};
+
+/// Writes the Lease as the plan decided; returns the claim granted in this plan.
+pub(super) fn write_lease<'a>(
+    v: &View<'a>,
+    free: &Free<'a>,
+    d: &mut Draft,
+) -> Option<&'a LockClaim> {
+    if let Some(c) = free.next {
+        grant(v, free, c, d);
+        return Some(c);
+    }
+    let (Some(l), Some(_)) = (v.lease(), v.holder.as_deref()) else {
+        return None;
+    };
+    // Named, but by nobody entitled to it: a claim that ended here or earlier.
+    if free.holder_stays.is_none() && free.outsider.is_none() {
+        // The holder is gone (released, expired, finished) and nobody is next yet:
+        // clear the Lease so it names nobody.
+        let until = free.lock_delay_until.filter(|_| free.in_lock_delay);
+        d.push(Step::WriteLease {
+            kind: LeaseWriteKind::Clear,
+            lease: Box::new(lease::clear(l, until)),
+        });
+        d.plan.memory.seen = None;
+        return None;
+    }
+    let hc = free.holder_stays?;
+    let completed = (hc.phase() != Some(Phase::Granted) && !deleting(hc)).then(|| {
+        complete_grant(v, hc, l, d);
+        hc
+    });
+    if hc.spec.renewal == Renewal::Controller {
+        renew_if_due(v, hc, l, d);
+    }
+    completed
+}
+
+/// Grants the Lease to `c`: the Lease write, then the Granted status with the token
+/// the write returns, then the Events.
+fn grant(v: &View<'_>, free: &Free<'_>, c: &LockClaim, d: &mut Draft) {
+    let now = v.now;
+    let (kind, l) = lease::grant(v.lease_name(), v.lease(), c, now);
+    let transition =
+        kind == LeaseWriteKind::Grant && v.holder.as_deref() != Some(c.identity().as_str());
+    d.push(Step::WriteLease {
+        kind,
+        lease: Box::new(l),
+    });
+    let dur = claim_duration(c);
+    d.plan.memory.seen = Some(Seen::renewed(&c.identity(), Some(now.wall), now.mono, dur));
+    let g = status::Grant {
+        acquired: now.wall,
+        renewed: Some(now.wall),
+        token: None,
+    };
+    let (st, msg) = status::granted(c, v.lease_name(), g, now.wall);
+    d.push(Step::SetStatus {
+        claim: name(c),
+        status: st,
+        fill_token: true,
+    });
+    d.note(Target::Claim(name(c)), Reason::Granted, msg);
+    if let Some(outsider) = &free.outsider {
+        let m = format!(
+            "Lease {} held by {outsider:?} expired without renewal; taken over for {}",
+            v.lease_name(),
+            c.identity()
+        );
+        d.note(Target::Claim(name(c)), Reason::TakenOver, m.clone());
+        d.note(Target::Lease, Reason::TakenOver, m);
+    }
+    let handoff = v
+        .input
+        .memory
+        .freed_at
+        .or(d.plan.memory.freed_at)
+        .map(|f| now.mono.saturating_sub(f));
+    d.plan.outcomes.push(Outcome::Granted {
+        waited: created(c).and_then(|t| since(now.wall, t)),
+        handoff,
+        transition,
+    });
+    d.plan.memory.freed_at = None;
+    let first_due = if c.spec.renewal == Renewal::Holder {
+        dur
+    } else {
+        dur / 3
+    };
+    d.due.at(now.mono, now.mono + first_due);
+    if let Some(max) = c.spec.max_hold_seconds {
+        d.due.wall(now.wall, super::add_secs(now.wall, max));
+    }
+}
+
+/// The Lease names `hc` but its status does not say Granted: a grant interrupted after
+/// its Lease write. No Lease write of ours precedes this status, so the Lease is
+/// re-read first (the cache alone is not enough).
+fn complete_grant(v: &View<'_>, hc: &LockClaim, l: &Lease, d: &mut Draft) {
+    if !d
+        .plan
+        .steps
+        .iter()
+        .any(|s| matches!(s, Step::VerifyLease { .. }))
+    {
+        d.push(Step::VerifyLease {
+            resource_version: l.metadata.resource_version.clone(),
+        });
+    }
+    let g = status::Grant {
+        acquired: lease::acquire_time(Some(l)).unwrap_or(v.now.wall),
+        renewed: lease::renew_time(l),
+        token: lease::token(l),
+    };
+    let (st, msg) = status::granted(hc, v.lease_name(), g, v.now.wall);
+    d.push(Step::SetStatus {
+        claim: name(hc),
+        status: st,
+        fill_token: false,
+    });
+    d.note(Target::Claim(name(hc)), Reason::Granted, msg);
+    d.plan.outcomes.push(Outcome::Granted {
+        waited: created(hc).and_then(|t| since(v.now.wall, t)),
+        handoff: None,
+        transition: false,
+    });
+}
+
+/// Controller renewal: the operator refreshes renewTime every third of the duration.
+fn renew_if_due(v: &View<'_>, hc: &LockClaim, l: &Lease, d: &mut Draft) {
+    let now = v.now;
+    let Some(seen) = d.plan.memory.seen.as_mut() else {
+        return;
+    };
+    if now.mono >= seen.renew_due {
+        let dur = claim_duration(hc);
+        seen.renew_time = Some(now.wall);
+        seen.observed_at = now.mono;
+        seen.deadline = now.mono + dur;
+        seen.renew_due = now.mono + dur / 3;
+        d.plan.steps.push(Step::WriteLease {
+            kind: LeaseWriteKind::Renew,
+            lease: Box::new(lease::renew(l, now.wall)),
+        });
+    }
+    let due = seen.renew_due;
+    d.due.at(now.mono, due);
+}

@@ -1,0 +1,165 @@
+//! Reading a Lease, and building the writes that change it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::ObjectMeta;
+
+use super::{LeaseWriteKind, Now, CLAIM_ANNOTATION, LOCK_DELAY_ANNOTATION};
+use crate::api::{LockClaim, DEFAULT_LEASE_DURATION_SECONDS};
+use crate::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+
+/// `spec.holderIdentity`, unless empty.
+pub(super) fn holder(lease: Option<&Lease>) -> Option<String> {
+    lease
+        .and_then(|l| l.spec.as_ref())
+        .and_then(|s| s.holder_identity.clone())
+        .filter(|h| !h.is_empty())
+}
+
+/// `spec.renewTime`.
+pub(super) fn renew_time(lease: &Lease) -> Option<Timestamp> {
+    lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.renew_time.as_ref())
+        .map(|t| t.0)
+}
+
+/// `spec.acquireTime`.
+pub(super) fn acquire_time(lease: Option<&Lease>) -> Option<Timestamp> {
+    lease
+        .and_then(|l| l.spec.as_ref())
+        .and_then(|s| s.acquire_time.as_ref())
+        .map(|t| t.0)
+}
+
+/// `spec.leaseDurationSeconds` (at least one second).
+pub(super) fn duration(lease: &Lease) -> Duration {
+    let secs = lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.lease_duration_seconds)
+        .unwrap_or(DEFAULT_LEASE_DURATION_SECONDS)
+        .max(1);
+    Duration::from_secs(u64::try_from(secs).unwrap_or(1))
+}
+
+/// The resourceVersion as a fencing token.
+pub(super) fn token(lease: &Lease) -> Option<i64> {
+    lease
+        .metadata
+        .resource_version
+        .as_deref()
+        .and_then(|rv| rv.parse().ok())
+}
+
+/// Whether the Lease carries the managed-by label.
+pub fn is_managed(lease: &Lease) -> bool {
+    lease
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY_LABEL))
+        .is_some_and(|v| v == MANAGED_BY_VALUE)
+}
+
+/// The claim the operator granted the Lease to (annotation).
+pub(super) fn claim_annotation(lease: &Lease) -> Option<String> {
+    annotation(lease, CLAIM_ANNOTATION)
+}
+
+/// Until when the Lease stays unassigned after an expiry (annotation).
+pub(super) fn lock_delay_annotation(lease: &Lease) -> Option<Timestamp> {
+    annotation(lease, LOCK_DELAY_ANNOTATION).and_then(|v| v.parse().ok())
+}
+
+fn annotation(lease: &Lease, key: &str) -> Option<String> {
+    lease.metadata.annotations.as_ref()?.get(key).cloned()
+}
+
+fn set_annotation(lease: &mut Lease, key: &str, value: Option<String>) {
+    let ann = lease.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    match value {
+        Some(v) => {
+            ann.insert(key.to_string(), v);
+        }
+        None => {
+            ann.remove(key);
+        }
+    }
+    if ann.is_empty() {
+        lease.metadata.annotations = None;
+    }
+}
+
+/// The Lease write that grants `lease` (or a new Lease `name`) to `c`.
+pub(super) fn grant(
+    name: &str,
+    lease: Option<&Lease>,
+    c: &LockClaim,
+    now: Now,
+) -> (LeaseWriteKind, Lease) {
+    let identity = c.identity();
+    let Some(old) = lease else {
+        let created = Lease {
+            metadata: ObjectMeta {
+                name: Some(name.to_string()),
+                namespace: c.metadata.namespace.clone(),
+                labels: Some([(MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string())].into()),
+                annotations: Some([(CLAIM_ANNOTATION.to_string(), super::name(c))].into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(identity),
+                acquire_time: Some(MicroTime(now.wall)),
+                renew_time: Some(MicroTime(now.wall)),
+                lease_duration_seconds: Some(c.spec.lease_duration_seconds),
+                lease_transitions: Some(0),
+                ..LeaseSpec::default()
+            }),
+        };
+        return (LeaseWriteKind::Create, created);
+    };
+    let mut l = old.clone();
+    let prev_holder = holder(Some(old));
+    let spec = l.spec.get_or_insert_with(LeaseSpec::default);
+    let transitions = spec.lease_transitions.unwrap_or(0);
+    if prev_holder.as_deref() != Some(identity.as_str()) {
+        spec.lease_transitions = Some(transitions.saturating_add(1));
+    }
+    spec.holder_identity = Some(identity);
+    spec.acquire_time = Some(MicroTime(now.wall));
+    spec.renew_time = Some(MicroTime(now.wall));
+    spec.lease_duration_seconds = Some(c.spec.lease_duration_seconds);
+    set_annotation(&mut l, LOCK_DELAY_ANNOTATION, None);
+    set_annotation(&mut l, CLAIM_ANNOTATION, c.metadata.name.clone());
+    (LeaseWriteKind::Grant, l)
+}
+
+/// The Lease write that clears the holder, keeping a lock delay that still runs.
+pub(super) fn clear(lease: &Lease, lock_delay_until: Option<Timestamp>) -> Lease {
+    let mut l = lease.clone();
+    let spec = l.spec.get_or_insert_with(LeaseSpec::default);
+    spec.holder_identity = None;
+    spec.acquire_time = None;
+    spec.renew_time = None;
+    set_annotation(
+        &mut l,
+        LOCK_DELAY_ANNOTATION,
+        lock_delay_until.map(|u| u.to_string()),
+    );
+    set_annotation(&mut l, CLAIM_ANNOTATION, None);
+    l
+}
+
+/// The Lease write that renews it (Controller renewal).
+pub(super) fn renew(lease: &Lease, now: Timestamp) -> Lease {
+    let mut l = lease.clone();
+    let spec = l.spec.get_or_insert_with(LeaseSpec::default);
+    spec.renew_time = Some(MicroTime(now));
+    l
+}

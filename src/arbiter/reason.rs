@@ -1,0 +1,91 @@
+//! Why: the stable reasons of conditions, Events and metric labels, and how a live
+//! claim ends.
+
+/// A stable PascalCase reason, used for conditions, Events and metric labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// The claim holds the Lease.
+    Granted,
+    /// Waiting behind another claim.
+    Queued,
+    /// Waiting: the Lease is held by someone who is not a LockClaim.
+    HeldExternally,
+    /// Waiting: the lock delay after an expiry has not run out.
+    LockDelay,
+    /// Another live claim for the Lease has the same holderIdentity.
+    DuplicateIdentity,
+    /// Released by delete or `release: true`.
+    Released,
+    /// The holder stopped renewing.
+    Expired,
+    /// spec.maxHoldSeconds ran out.
+    MaxHoldExceeded,
+    /// The Lease was deleted or given to someone else behind the operator's back.
+    LeaseLost,
+    /// A Lease held by an outsider expired and was taken over.
+    TakenOver,
+    /// An unused managed Lease was deleted.
+    LeaseGarbageCollected,
+    /// Rejected (a terminal phase, the Event reason of DuplicateIdentity).
+    Rejected,
+}
+
+impl Reason {
+    /// The reason as written into conditions, Events and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Granted => "Granted",
+            Reason::Queued => "Queued",
+            Reason::HeldExternally => "HeldExternally",
+            Reason::LockDelay => "LockDelay",
+            Reason::DuplicateIdentity => "DuplicateIdentity",
+            Reason::Released => "Released",
+            Reason::Expired => "Expired",
+            Reason::MaxHoldExceeded => "MaxHoldExceeded",
+            Reason::LeaseLost => "LeaseLost",
+            Reason::TakenOver => "TakenOver",
+            Reason::LeaseGarbageCollected => "LeaseGarbageCollected",
+            Reason::Rejected => "Rejected",
+        }
+    }
+
+    /// The reasons a grant can end by expiry (metrics start them at zero).
+    pub const EXPIRIES: [Reason; 3] = [Reason::Expired, Reason::MaxHoldExceeded, Reason::LeaseLost];
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<Reason> for &str {
+    fn eq(&self, other: &Reason) -> bool {
+        *self == other.as_str()
+    }
+}
+
+impl PartialEq<Reason> for String {
+    fn eq(&self, other: &Reason) -> bool {
+        self == other.as_str()
+    }
+}
+
+/// How a live claim ends in a plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// Deleted or `release: true`.
+    Released,
+    /// Lost its grant: the reason is Expired, MaxHoldExceeded or LeaseLost.
+    Expired(Reason),
+    /// Can never be granted (a duplicate identity).
+    Rejected,
+}
+
+impl End {
+    /// Whether the verdict was drawn from the Lease (a missed renewal, a Lease gone or
+    /// taken), so that it must be checked on a fresh read before it is written.
+    pub fn drawn_from_lease(self) -> bool {
+        matches!(self, End::Expired(Reason::Expired | Reason::LeaseLost))
+    }
+}

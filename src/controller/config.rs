@@ -1,0 +1,55 @@
+//! The flags of `leasekeeper run`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Flags of `leasekeeper run`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunConfig {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "LEASEKEEPER_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// Delete a managed Lease that no live claim has named for this long.
+    #[arg(long, env = "LEASEKEEPER_GC_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub gc_grace: Duration,
+    /// Address of the /healthz, /readyz and /metrics server.
+    #[arg(long, env = "LEASEKEEPER_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    /// How long to wait for the LockClaim CRD to be Established before giving up.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub crd_wait: Duration,
+    /// Reconciles of different Leases that may run at once.
+    #[arg(long, env = "LEASEKEEPER_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: usize,
+    /// Name of this replica, for Events and leader election (default: the host name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Elect one active replica through a Lease; the others wait and take over.
+    #[arg(long, env = "LEASEKEEPER_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Namespace of the leadership Lease (default: the Pod's namespace, else "default").
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub leader_namespace: Option<String>,
+    /// Name of the leadership Lease.
+    #[arg(long, default_value = "leasekeeper-leader")]
+    pub leader_lease_name: String,
+    /// Leadership term without renewal.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub leader_lease_duration: Duration,
+    /// A leader that has not renewed for this long stops and exits (< the term).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub leader_renew_deadline: Duration,
+    /// How often the leader renews.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub leader_retry_period: Duration,
+}
+
+impl RunConfig {
+    /// This replica's name: --identity, else the host name.
+    pub fn identity(&self) -> String {
+        self.identity.clone().unwrap_or_else(|| {
+            std::env::var("HOSTNAME")
+                .unwrap_or_else(|_| format!("leasekeeper-{}", std::process::id()))
+        })
+    }
+}

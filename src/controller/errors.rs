@@ -1,0 +1,140 @@
+//! What can fail: a reconcile step ([`Error`], retried with backoff) and the operator
+//! process itself ([`RunError`], which stops it).
+
+use std::time::Duration;
+
+/// A failed reconcile step. Variants double as stable reasons for metrics and Events.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An object changed (or vanished) since it was read: re-read and re-decide.
+    #[error("{what} changed since it was read")]
+    Conflict {
+        /// The object.
+        what: String,
+    },
+    /// Reading the Lease failed.
+    #[error("cannot read Lease {name}: {source}")]
+    LeaseReadFailed {
+        /// Lease name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Creating or updating the Lease failed.
+    #[error("cannot write Lease {name}: {source}")]
+    LeaseWriteFailed {
+        /// Lease name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Deleting the Lease failed.
+    #[error("cannot delete Lease {name}: {source}")]
+    LeaseDeleteFailed {
+        /// Lease name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Writing a claim's status failed.
+    #[error("cannot write the status of LockClaim {claim}: {source}")]
+    ClaimStatusFailed {
+        /// Claim name.
+        claim: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Adding or removing the finalizer failed.
+    #[error("cannot update the finalizer of LockClaim {claim}: {source}")]
+    FinalizerFailed {
+        /// Claim name.
+        claim: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Deleting a finished claim failed.
+    #[error("cannot delete LockClaim {claim}: {source}")]
+    ClaimDeleteFailed {
+        /// Claim name.
+        claim: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// This replica's leadership term ran out before a write of the plan for Lease
+    /// `lease`: the rest of the plan is dropped (the next leader decides afresh).
+    #[error("leadership term ran out before a write for Lease {lease}; plan dropped")]
+    TermEnded {
+        /// Lease name.
+        lease: String,
+    },
+}
+
+impl Error {
+    /// Every reason [`Error::reason`] can return (metrics start them at zero).
+    pub const REASONS: [&'static str; 8] = [
+        "Conflict",
+        "LeaseReadFailed",
+        "LeaseWriteFailed",
+        "LeaseDeleteFailed",
+        "ClaimStatusFailed",
+        "FinalizerFailed",
+        "ClaimDeleteFailed",
+        "TermEnded",
+    ];
+
+    /// A stable PascalCase reason for metric labels and Events.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Conflict { .. } => "Conflict",
+            Error::LeaseReadFailed { .. } => "LeaseReadFailed",
+            Error::LeaseWriteFailed { .. } => "LeaseWriteFailed",
+            Error::LeaseDeleteFailed { .. } => "LeaseDeleteFailed",
+            Error::ClaimStatusFailed { .. } => "ClaimStatusFailed",
+            Error::FinalizerFailed { .. } => "FinalizerFailed",
+            Error::ClaimDeleteFailed { .. } => "ClaimDeleteFailed",
+            Error::TermEnded { .. } => "TermEnded",
+        }
+    }
+
+    /// Conflicts resolve themselves on the next read; everything else backs off longer.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Conflict { .. })
+    }
+}
+
+/// Errors that stop the operator process.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// No kubeconfig or in-cluster configuration could be loaded.
+    #[error("cannot configure a Kubernetes client (set KUBECONFIG or run in a cluster): {0}")]
+    Config(#[source] kube::Error),
+    /// The CRD never became Established.
+    #[error("the LockClaim CRD {name} is not established after {timeout:?}: install it with `leasekeeper crd | kubectl apply -f -` or the Helm chart")]
+    CrdNotEstablished {
+        /// The CRD name.
+        name: String,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// Watching the CRD failed.
+    #[error("cannot watch the LockClaim CRD: {0}")]
+    CrdWatch(#[source] kube::runtime::wait::Error),
+    /// The probe server could not start.
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
+    /// A watch stream ended, which only happens when the process is stopping.
+    #[error("the {0} watch ended")]
+    WatchEnded(&'static str),
+    /// Leader election failed.
+    #[error(transparent)]
+    Election(#[from] crate::leader::ElectionError),
+    /// This replica lost leadership: it stopped writing and exits so it restarts clean.
+    #[error("lost leadership; exiting so that this replica restarts clean")]
+    LeadershipLost,
+}
