@@ -56,7 +56,7 @@ unit:
 	PROPTEST_CASES=$(PROPTEST_CASES) $(CARGO) test --locked --workspace --lib --bins
 
 soak:
-	PROPTEST_CASES=$(SOAK_CASES) $(CARGO) test --locked --release --lib arbiter::proptests
+	PROPTEST_CASES=$(SOAK_CASES) $(CARGO) test --locked --release -p leasekeeper --lib arbiter::proptests
 
 ## clippy runs twice: the product build, and the chaos build whose negative-control
 ## hooks (controller::chaos) exist only with the feature.

@@ -4,17 +4,19 @@
 #   hack/chaos-controls.sh PLANE_DIR BIN_DIR DURATION
 set -uo pipefail
 plane=$1 bin=$2 duration=${3:-30s}
-read -r -a controls <<<"${LK_CONTROLS:-no-precondition grant-before-lease skip-lock-delay non-leader-writes holder-ignores-lost}"
+read -r -a controls <<<"${LK_CONTROLS:-no-precondition grant-before-lease skip-lock-delay non-leader-writes holder-ignores-lost release-before-drain}"
 # The faults each control is run with: all kinds, except for controls that need one
 # fault to show, which the mixed schedule injects too rarely for a 30 s run:
 # no-precondition shows when the leader decides from a stale Lease cache while holders
 # renew (the Lease-watch stall); skip-lock-delay after an expiry (paused holders);
 # holder-ignores-lost when the ignoring holder is paused past its TTL while it holds
-# (its lock moves on, then it wakes and writes).
+# (its lock moves on, then it wakes and writes); release-before-drain when the leader
+# gets SIGTERM while it works (the fault term-leader).
 fault_args() {
   case $1 in
     no-precondition) extra=(--faults stall-lease-watch --fault-every 3) ;;
     skip-lock-delay | holder-ignores-lost) extra=(--faults pause-holder --fault-every 3) ;;
+    release-before-drain) extra=(--faults term-leader --fault-every 2) ;;
     *) extra=() ;;
   esac
 }

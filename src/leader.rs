@@ -51,13 +51,15 @@ pub enum ElectionError {
         #[source]
         source: kube::Error,
     },
-    /// renew_deadline must be shorter than lease_duration.
-    #[error("the renew deadline ({renew:?}) must be shorter than the lease duration ({lease:?})")]
+    /// retry_period < renew_deadline < lease_duration must hold.
+    #[error("leader election timings must satisfy retry period ({retry:?}) < renew deadline ({renew:?}) < lease duration ({lease:?}, written to the Lease in whole seconds, rounded up)")]
     BadTimings {
         /// Renew deadline.
         renew: Duration,
         /// Lease duration.
         lease: Duration,
+        /// Retry period.
+        retry: Duration,
     },
 }
 
@@ -71,36 +73,61 @@ pub enum ElectionError {
 /// finishing the plan.
 #[derive(Clone, Debug)]
 pub struct Term {
-    until: Option<Arc<Mutex<Instant>>>,
+    state: Arc<Mutex<TermState>>,
+}
+
+#[derive(Debug)]
+struct TermState {
+    /// None: no end (a replica without leader election).
+    until: Option<Instant>,
+    /// Ended on purpose (shutdown, step-down): no renewal extends it again.
+    ended: bool,
 }
 
 impl Term {
-    /// A term that never ends: a replica running without leader election.
+    fn new(until: Option<Instant>) -> Term {
+        Term {
+            state: Arc::new(Mutex::new(TermState {
+                until,
+                ended: false,
+            })),
+        }
+    }
+
+    /// A term that never ends by itself: a replica running without leader election.
     pub fn unbounded() -> Term {
-        Term { until: None }
+        Term::new(None)
     }
 
     /// A term that ends at `until` (extended by [`Term::extend`]).
     pub fn until(until: Instant) -> Term {
-        Term {
-            until: Some(Arc::new(Mutex::new(until))),
+        Term::new(Some(until))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, TermState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Moves the end of the term to `until` (never earlier than it was, never after the
+    /// term was ended).
+    pub fn extend(&self, until: Instant) {
+        let mut s = self.state();
+        if let (Some(u), false) = (s.until, s.ended) {
+            s.until = Some(u.max(until));
         }
     }
 
-    /// Moves the end of the term to `until` (never earlier than it was).
-    pub fn extend(&self, until: Instant) {
-        if let Some(u) = &self.until {
-            let mut u = u.lock().unwrap_or_else(|e| e.into_inner());
-            *u = (*u).max(until);
-        }
+    /// Ends the term now, for good (every clone sees it): the first step of a shutdown
+    /// or a step-down, before in-flight work is drained and the leadership Lease is
+    /// released.
+    pub fn end(&self) {
+        self.state().ended = true;
     }
 
     /// Whether the term still runs now.
     pub fn is_current(&self) -> bool {
-        self.until.as_ref().is_none_or(|u| {
-            let u = u.lock().unwrap_or_else(|e| e.into_inner());
-            Instant::now() < *u
-        })
+        let s = self.state();
+        !s.ended && s.until.is_none_or(|u| Instant::now() < u)
     }
 }
 
@@ -114,8 +141,11 @@ pub struct Leadership {
     cfg: ElectionConfig,
 }
 
+/// The lease duration as written into the Lease: whole seconds, rounded *up*, so that a
+/// follower (which counts what the Lease says) never waits less than the leader's term.
 fn secs(d: Duration) -> i32 {
-    i32::try_from(d.as_secs().max(1)).unwrap_or(i32::MAX)
+    let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    i32::try_from(s.max(1)).unwrap_or(i32::MAX)
 }
 
 fn holder(l: &Lease) -> Option<&str> {
@@ -126,6 +156,23 @@ fn holder(l: &Lease) -> Option<&str> {
 }
 
 impl ElectionConfig {
+    /// The renew deadline (a leader's term after its last renewal) must be shorter than
+    /// the lease duration as followers read it from the Lease, and longer than the
+    /// retry period (or a leader could not renew even once in its term).
+    pub fn check_timings(&self) -> Result<(), ElectionError> {
+        let written = Duration::from_secs(u64::try_from(secs(self.lease_duration)).unwrap_or(1));
+        if self.renew_deadline >= self.lease_duration.min(written)
+            || self.retry_period >= self.renew_deadline
+        {
+            return Err(ElectionError::BadTimings {
+                renew: self.renew_deadline,
+                lease: self.lease_duration,
+                retry: self.retry_period,
+            });
+        }
+        Ok(())
+    }
+
     fn err(&self, source: kube::Error) -> ElectionError {
         ElectionError::Api {
             namespace: self.namespace.clone(),
@@ -136,12 +183,7 @@ impl ElectionConfig {
 
     /// Blocks until this candidate leads.
     pub async fn acquire(self, client: Client) -> Result<Leadership, ElectionError> {
-        if self.renew_deadline >= self.lease_duration {
-            return Err(ElectionError::BadTimings {
-                renew: self.renew_deadline,
-                lease: self.lease_duration,
-            });
-        }
+        self.check_timings()?;
         let api: Api<Lease> = Api::namespaced(client, &self.namespace);
         // Observations: (holder, renewTime) and when we first saw that pair.
         let mut seen: Option<(Option<String>, Option<Timestamp>, Instant)> = None;
@@ -395,6 +437,50 @@ mod tests {
         assert!(seen_by_executor.is_current());
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(!seen_by_executor.is_current());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ended_term_stays_ended_whatever_renewals_come_later() {
+        let term = Term::until(Instant::now() + Duration::from_secs(10));
+        let seen_by_executor = term.clone();
+        term.end();
+        assert!(!seen_by_executor.is_current());
+        term.extend(Instant::now() + Duration::from_secs(10));
+        assert!(
+            !seen_by_executor.is_current(),
+            "a late renewal does not revive it"
+        );
+        let unbounded = Term::unbounded();
+        unbounded.end();
+        assert!(!unbounded.is_current());
+    }
+
+    #[test]
+    fn the_written_lease_duration_rounds_up_so_terms_cannot_overlap() {
+        assert_eq!(secs(Duration::from_millis(1900)), 2);
+        assert_eq!(secs(Duration::from_secs(15)), 15);
+        assert_eq!(secs(Duration::from_millis(1)), 1);
+        let cfg = |lease: u64, renew: u64, retry: u64| ElectionConfig {
+            namespace: "ns".into(),
+            name: "l".into(),
+            identity: "me".into(),
+            lease_duration: Duration::from_millis(lease),
+            renew_deadline: Duration::from_millis(renew),
+            retry_period: Duration::from_millis(retry),
+        };
+        assert!(
+            cfg(1900, 1500, 500).check_timings().is_ok(),
+            "1.9 s is written as 2 s"
+        );
+        assert!(cfg(15_000, 10_000, 2_000).check_timings().is_ok());
+        assert!(
+            cfg(2_000, 2_000, 500).check_timings().is_err(),
+            "deadline = duration"
+        );
+        assert!(
+            cfg(2_000, 1_500, 1_500).check_timings().is_err(),
+            "retry = deadline"
+        );
     }
 
     #[tokio::test(start_paused = true)]

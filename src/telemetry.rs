@@ -85,6 +85,13 @@ pub struct NamespaceLabel {
     pub namespace: String,
 }
 
+/// Label set carrying an object `kind` (LockClaim, Lease).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// The kind.
+    pub kind: String,
+}
+
 /// Label set carrying a write `kind`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WriteLabel {
@@ -141,6 +148,10 @@ pub struct Metrics {
     pub writes: Family<WriteLabel, Counter>,
     /// API writes made while this replica did not lead (must stay 0 with leader election).
     pub writes_not_leading: Counter,
+    /// Objects the watches delivered that cannot be decoded, now.
+    pub invalid_objects: Family<KindLabel, Gauge>,
+    /// Times this replica gave up leadership on purpose, by reason.
+    pub step_downs: Family<ReasonLabel, Counter>,
     registry: Registry,
 }
 
@@ -173,6 +184,8 @@ impl Metrics {
             gc_deleted: Counter::default(),
             writes: Family::default(),
             writes_not_leading: Counter::default(),
+            invalid_objects: Family::default(),
+            step_downs: Family::default(),
             registry: Registry::with_prefix("leasekeeper"),
         };
         let r = &mut m.registry;
@@ -225,6 +238,26 @@ impl Metrics {
             "API writes made while this replica was not the leader",
             m.writes_not_leading.clone(),
         );
+        r.register(
+            "invalid_objects",
+            "Objects the watches delivered that cannot be decoded (logged, with a Warning Event on a claim; a claim's status is repaired)",
+            m.invalid_objects.clone(),
+        );
+        r.register(
+            "leader_step_downs",
+            "Times this replica gave leadership up on purpose, by reason (CacheSyncTimeout)",
+            m.step_downs.clone(),
+        );
+        for kind in ["LockClaim", "Lease"] {
+            m.invalid_objects
+                .get_or_create(&KindLabel { kind: kind.into() })
+                .set(0);
+        }
+        m.step_downs
+            .get_or_create(&ReasonLabel {
+                reason: "CacheSyncTimeout".into(),
+            })
+            .inc_by(0);
         m
     }
 

@@ -340,6 +340,50 @@ async fn chart_installs_and_its_service_account_runs_the_lifecycle() {
     );
     create_claim(&api, "d", spec("after-upgrade")).await;
     wait_phase(&api, "d", Phase::Granted, Duration::from_secs(30)).await;
+    // A claim an earlier version left with its finalizer loses it.
+    let mut legacy = LockClaim::new("legacy", spec("old"));
+    legacy.metadata.finalizers = Some(vec![leasekeeper::FINALIZER.into()]);
+    api.create(&kube::api::PostParams::default(), &legacy)
+        .await
+        .expect("legacy claim");
+    support::wait_for(
+        &api,
+        "legacy",
+        Duration::from_secs(20),
+        "legacy finalizer removed",
+        |c: &LockClaim| c.metadata.finalizers.as_ref().is_none_or(|f| f.is_empty()),
+    )
+    .await;
     let _ = op.kill();
     let _ = op.wait();
+
+    // helm uninstall leaves nothing stuck: no claim carries a finalizer, so with no
+    // operator left, claims (and their namespace) delete at once.
+    let (ok, out, err) = support::helm(&["uninstall", &release, "-n", &release_ns]);
+    assert!(ok, "helm uninstall: {out}{err}");
+    let left = api.list(&Default::default()).await.expect("list");
+    assert!(!left.items.is_empty());
+    for c in &left.items {
+        assert!(
+            c.metadata.finalizers.as_ref().is_none_or(|f| f.is_empty()),
+            "{:?} carries {:?}",
+            c.metadata.name,
+            c.metadata.finalizers
+        );
+    }
+    let (ok, _, err) = support::kubectl_run(&[
+        "delete",
+        "lockclaims",
+        "--all",
+        "-n",
+        &claims_ns,
+        "--timeout=10s",
+    ]);
+    assert!(ok, "claims deleted without an operator: {err}");
+    assert!(api
+        .list(&Default::default())
+        .await
+        .expect("list")
+        .items
+        .is_empty());
 }

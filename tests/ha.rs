@@ -241,7 +241,7 @@ async fn ha_sigkill_takeover_and_sigterm_handover() {
     );
     // The graceful stop gave the leadership Lease up (so op-c did not wait out the term).
     assert_eq!(
-        said("shutting down; handing leadership over").len(),
+        said("shutting down: term ended, draining in-flight reconciles, then handing leadership over").len(),
         1,
         "op-b logged its graceful stop"
     );
@@ -250,4 +250,27 @@ async fn ha_sigkill_takeover_and_sigterm_handover() {
         1,
         "op-b released the leadership Lease on SIGTERM"
     );
+}
+
+#[test]
+fn leader_timings_that_could_overlap_terms_are_refused_at_startup() {
+    for (duration, deadline, retry) in [("2s", "2s", "500ms"), ("3s", "2s", "2s")] {
+        let out = Command::new(testkit::bin!("leasekeeper"))
+            .args(["run", "--leader-elect", "--leader-lease-duration", duration])
+            .args([
+                "--leader-renew-deadline",
+                deadline,
+                "--leader-retry-period",
+                retry,
+            ])
+            .env("KUBECONFIG", support::kubeconfig_path())
+            .output()
+            .expect("runs");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("retry period") && err.contains("renew deadline"),
+            "{duration}/{deadline}/{retry}: {err}"
+        );
+    }
 }

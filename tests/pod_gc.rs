@@ -76,8 +76,7 @@ fn a_pod_owned_claim_goes_with_its_pod_and_the_next_claimant_is_granted() {
             assert!(ok, "{err}");
             // The garbage collector deletes the claim; the operator releases the Lease.
             wait_phase(&api, "next", Phase::Granted, Duration::from_secs(60)).await;
-            // Deleted (the garbage collector set deletionTimestamp), then gone once the
-            // operator took its finalizer off.
+            // Deleted by the garbage collector (claims carry no finalizer).
             let deleted = owned.metadata.uid.clone().unwrap_or_default();
             let gone = kube::runtime::wait::await_condition(
                 api.clone(),

@@ -170,6 +170,23 @@ fn default_lease_duration() -> i32 {
     DEFAULT_LEASE_DURATION_SECONDS
 }
 
+impl LockClaimSpec {
+    /// A spec for Lease `lease_name` with every other field at its documented default.
+    pub fn for_lease(lease_name: impl Into<String>) -> LockClaimSpec {
+        LockClaimSpec {
+            lease_name: lease_name.into(),
+            holder_identity: None,
+            lease_duration_seconds: DEFAULT_LEASE_DURATION_SECONDS,
+            priority: 0,
+            renewal: Renewal::Controller,
+            lock_delay_seconds: 0,
+            release: false,
+            max_hold_seconds: None,
+            ttl_seconds_after_finished: None,
+        }
+    }
+}
+
 /// Who proves that a holder is alive.
 #[derive(
     Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, schemars::JsonSchema,
@@ -209,12 +226,15 @@ impl Phase {
 #[serde(rename_all = "camelCase")]
 pub struct LockClaimStatus {
     /// Pending, Granted, Released, Expired or Rejected: a summary for printer columns.
+    /// The operator owns the whole status; users should not be given write access to
+    /// the status subresource.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
 
     /// Standard conditions. Type Granted is True while this claim holds the Lease; its
     /// reason says why not otherwise (Queued, HeldExternally, LockDelay,
-    /// DuplicateIdentity, Released, Expired, MaxHoldExceeded, LeaseLost).
+    /// LeaseNotManaged, DuplicateIdentity, Released, Expired, MaxHoldExceeded,
+    /// LeaseLost). Type Finished turns True when the claim reaches a terminal phase.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
@@ -225,6 +245,7 @@ pub struct LockClaimStatus {
 
     /// Place in the queue: 1 = next in line. Absent unless Pending.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 2_147_483_647))]
     pub queue_position: Option<i32>,
 
     /// A number that strictly increases with every grant of this Lease name, also
@@ -232,6 +253,7 @@ pub struct LockClaimStatus {
     /// the granting write. Pass it to downstream systems so they can reject writes from
     /// a stale holder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
     pub fencing_token: Option<i64>,
 
     /// When this claim was granted the Lease.
@@ -248,6 +270,7 @@ pub struct LockClaimStatus {
 
     /// The metadata.generation this status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
     pub observed_generation: Option<i64>,
 }
 

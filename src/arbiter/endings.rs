@@ -2,7 +2,7 @@
 
 use super::ends::Ends;
 use super::free::Free;
-use super::view::View;
+use super::view::{Holding, View};
 use super::{deleting, name, status, Draft, End, Note, Outcome, Reason, Step, Target};
 use crate::api::{LockClaim, Phase};
 
@@ -44,6 +44,12 @@ pub(super) fn mark(v: &View<'_>, ends: &Ends, free: &Free<'_>, d: &mut Draft) {
         }
     }
     d.plan.steps.extend(notes.into_iter().map(Step::Event));
+    if v.holding == (Holding::Ended { gone: true }) {
+        // The holder's claim was deleted (claims carry no finalizer): its grant ends as
+        // the Lease moves on in this plan.
+        d.plan.outcomes.push(Outcome::Released);
+        d.plan.memory.freed_at = Some(v.now.mono);
+    }
 }
 
 /// The phase, condition reason and message of an ending.

@@ -55,18 +55,28 @@ pub(super) fn decide(v: &View<'_>, d: &mut Draft) -> Ends {
 }
 
 /// Is the holder claim still entitled to the Lease? A Holder-renewal claim whose
-/// renewal has not been observed for its duration expires; maxHoldSeconds caps a hold.
+/// renewal has not been observed for its own leaseDurationSeconds expires;
+/// maxHoldSeconds caps a hold. Both are judged from the claim and the operator's own
+/// observations, never from fields of the Lease the holder can edit.
 fn holder_entitlement(v: &View<'_>, h: &LockClaim, d: &mut Draft, e: &mut Ends) {
     let now = v.now;
     let seen = d.plan.memory.seen.clone();
-    // The Lease's acquireTime has microseconds; the claim's status (metav1.Time) only
-    // seconds, so it is the fallback, rounded up.
-    let acquired = super::lease::acquire_time(v.lease()).or_else(|| {
-        h.status
-            .as_ref()
-            .and_then(|s| s.acquire_time.as_ref())
-            .map(|t| add_secs(t.0, 1))
-    });
+    // When the hold began, as this process remembers writing it, else as the operator
+    // wrote it into the claim's status (one-second precision, so rounded up: a hold is
+    // never cut short). Never the Lease's acquireTime: the holder can rewrite that.
+    let acquired = d
+        .plan
+        .memory
+        .acquired
+        .as_ref()
+        .filter(|(n, _)| *n == name(h))
+        .map(|(_, t)| *t)
+        .or_else(|| {
+            h.status
+                .as_ref()
+                .and_then(|s| s.acquire_time.as_ref())
+                .map(|t| add_secs(t.0, 1))
+        });
     if h.spec.renewal == Renewal::Holder && seen.as_ref().is_some_and(|s| now.mono >= s.deadline) {
         e.end(h, End::Expired(Reason::Expired));
     } else if let (Some(max), Some(acq)) = (h.spec.max_hold_seconds, acquired) {

@@ -1,22 +1,15 @@
-//! Write-order steps 1 and 5: the finalizer goes on a claim before anything can be
-//! granted to it, and comes off a deleted claim once the Lease no longer names it.
+//! Claims carry no finalizer: a pending claim holds nothing, and a holder's deletion is
+//! covered by the Lease's claim annotation (name and uid), which makes a Lease whose
+//! claim is gone free for the next grant. Earlier versions put one on every claim; it
+//! comes off wherever it is found, last in the plan (after every write that moves the
+//! Lease off a deleted holder), so that nothing is left stuck after an upgrade.
 
-use super::ends::Ends;
 use super::view::View;
-use super::{deleting, has_finalizer, name, Draft, Step};
+use super::{has_finalizer, name, Draft, Step};
 
-/// Finalizers on new claims, before anything can be granted to them.
-pub(super) fn add(v: &View<'_>, ends: &Ends, d: &mut Draft) {
-    for c in &v.live {
-        if !deleting(c) && !has_finalizer(c) && !ends.ends(c) {
-            d.push(Step::AddFinalizer { claim: name(c) });
-        }
-    }
-}
-
-/// Let go of deleted claims: every write that moves the Lease off them precedes this.
-pub(super) fn remove(v: &View<'_>, d: &mut Draft) {
-    for c in v.claims.iter().filter(|c| deleting(c) && has_finalizer(c)) {
+/// The legacy finalizer off every claim that still carries it.
+pub(super) fn remove_legacy(v: &View<'_>, d: &mut Draft) {
+    for c in v.claims.iter().filter(|c| has_finalizer(c)) {
         d.push(Step::RemoveFinalizer { claim: name(c) });
     }
 }

@@ -1,21 +1,24 @@
 //! Phase 3, is the Lease free for a grant: whether the holder stays, whether an
-//! outsider (a holder that is no live claim of ours) is still alive, whether a lock
-//! delay runs; and so who is next, and who holds the Lease once the plan is written.
+//! outsider is still alive, whether a lock delay runs, whether the operator may write
+//! the Lease at all; and so who is next, and who holds the Lease once the plan is
+//! written.
 
 use jiff::Timestamp;
 
 use super::ends::Ends;
-use super::view::View;
+use super::view::{Holding, View};
 use super::{add_secs, deleting, lease, Draft};
 use crate::api::{LockClaim, Phase};
 
 pub(super) struct Free<'a> {
     /// The holder claim, if it keeps the Lease.
     pub holder_stays: Option<&'a LockClaim>,
-    /// The Lease's holder when it is neither a live claim nor one of our finished ones.
+    /// The Lease's holder when it is someone else on a Lease the operator may write.
     pub outsider: Option<String>,
     /// Whether that outsider's term still runs.
     pub outsider_alive: bool,
+    /// The Lease exists and the operator may not write it.
+    pub foreign: bool,
     /// Until when the Lease stays unassigned after an expiry.
     pub lock_delay_until: Option<Timestamp>,
     /// Whether that lock delay still runs.
@@ -29,10 +32,7 @@ pub(super) struct Free<'a> {
 pub(super) fn decide<'a>(v: &View<'a>, ends: &Ends, d: &mut Draft) -> Free<'a> {
     let now = v.now;
     let holder_stays = v.holder_claim.filter(|h| !ends.ends(h));
-    let outsider = v
-        .holder
-        .clone()
-        .filter(|h| v.holder_claim.is_none() && !v.finished.iter().any(|c| v.ours(c, h)));
+    let outsider = v.holder.clone().filter(|_| v.holding == Holding::Outsider);
     let deadline = d.plan.memory.seen.as_ref().map(|s| s.deadline);
     let outsider_alive = outsider.is_some() && deadline.is_some_and(|t| now.mono < t);
     if let Some(t) = deadline.filter(|_| outsider_alive) {
@@ -43,7 +43,8 @@ pub(super) fn decide<'a>(v: &View<'a>, ends: &Ends, d: &mut Draft) -> Free<'a> {
     if let Some(u) = lock_delay_until.filter(|_| in_lock_delay) {
         d.due.wall(now.wall, u);
     }
-    let next = if holder_stays.is_some() || outsider_alive || in_lock_delay {
+    let foreign = v.foreign();
+    let next = if holder_stays.is_some() || outsider_alive || in_lock_delay || foreign {
         None
     } else {
         v.live
@@ -54,11 +55,13 @@ pub(super) fn decide<'a>(v: &View<'a>, ends: &Ends, d: &mut Draft) -> Free<'a> {
     let holder_now = next
         .map(|c| c.identity())
         .or_else(|| holder_stays.map(|c| c.identity()))
-        .or_else(|| outsider.clone().filter(|_| outsider_alive));
+        .or_else(|| outsider.clone().filter(|_| outsider_alive))
+        .or_else(|| v.holder.clone().filter(|_| foreign));
     Free {
         holder_stays,
         outsider,
         outsider_alive,
+        foreign,
         lock_delay_until,
         in_lock_delay,
         next,

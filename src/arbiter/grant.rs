@@ -24,6 +24,10 @@ pub(super) fn write_lease<'a>(
     let (Some(l), Some(_)) = (v.lease(), v.holder.as_deref()) else {
         return None;
     };
+    if free.foreign {
+        // Never written: not ours, and its owner has not allowed a takeover.
+        return None;
+    }
     // Named, but by nobody entitled to it: a claim that ended here or earlier.
     if free.holder_stays.is_none() && free.outsider.is_none() {
         // The holder is gone (released, expired, finished) and nobody is next yet:
@@ -60,6 +64,7 @@ fn grant(v: &View<'_>, free: &Free<'_>, c: &LockClaim, d: &mut Draft) {
     });
     let dur = claim_duration(c);
     d.plan.memory.seen = Some(Seen::renewed(&c.identity(), Some(now.wall), now.mono, dur));
+    d.plan.memory.acquired = Some((name(c), now.wall));
     let g = status::Grant {
         acquired: now.wall,
         renewed: Some(now.wall),
@@ -118,11 +123,14 @@ fn complete_grant(v: &View<'_>, hc: &LockClaim, l: &Lease, d: &mut Draft) {
             resource_version: l.metadata.resource_version.clone(),
         });
     }
+    // The Lease's acquireTime, written by our interrupted grant, never later than now
+    // (the holder could have moved it since; a later one would stretch maxHoldSeconds).
     let g = status::Grant {
-        acquired: lease::acquire_time(Some(l)).unwrap_or(v.now.wall),
+        acquired: lease::acquire_time(Some(l)).map_or(v.now.wall, |t| t.min(v.now.wall)),
         renewed: lease::renew_time(l),
         token: lease::token(l),
     };
+    d.plan.memory.acquired = Some((name(hc), g.acquired));
     let (st, msg) = status::granted(hc, v.lease_name(), g, v.now.wall);
     d.push(Step::SetStatus {
         claim: name(hc),

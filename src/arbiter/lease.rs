@@ -8,9 +8,9 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::ObjectMeta;
 
-use super::{LeaseWriteKind, Now, CLAIM_ANNOTATION, LOCK_DELAY_ANNOTATION};
+use super::{LeaseWriteKind, Now, CLAIM_ANNOTATION, CLAIM_UID_ANNOTATION, LOCK_DELAY_ANNOTATION};
 use crate::api::{LockClaim, DEFAULT_LEASE_DURATION_SECONDS};
-use crate::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+use crate::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, TAKEOVER_ALLOWED, TAKEOVER_LABEL};
 
 /// `spec.holderIdentity`, unless empty.
 pub(super) fn holder(lease: Option<&Lease>) -> Option<String> {
@@ -57,19 +57,39 @@ pub(super) fn token(lease: &Lease) -> Option<i64> {
         .and_then(|rv| rv.parse().ok())
 }
 
-/// Whether the Lease carries the managed-by label.
-pub fn is_managed(lease: &Lease) -> bool {
+fn label_is(lease: &Lease, key: &str, value: &str) -> bool {
     lease
         .metadata
         .labels
         .as_ref()
-        .and_then(|l| l.get(MANAGED_BY_LABEL))
-        .is_some_and(|v| v == MANAGED_BY_VALUE)
+        .and_then(|l| l.get(key))
+        .is_some_and(|v| v == value)
+}
+
+/// Whether the Lease carries the managed-by label: leasekeeper created it.
+pub fn is_managed(lease: &Lease) -> bool {
+    label_is(lease, MANAGED_BY_LABEL, MANAGED_BY_VALUE)
+}
+
+/// Whether the Lease's owner allows a takeover (the takeover label).
+pub fn takeover_allowed(lease: &Lease) -> bool {
+    label_is(lease, TAKEOVER_LABEL, TAKEOVER_ALLOWED)
+}
+
+/// Whether the operator may write the Lease: absent (it will create it), created by
+/// leasekeeper, or opened to a takeover by its owner. Nothing else is ever written.
+pub fn writable(lease: Option<&Lease>) -> bool {
+    lease.is_none_or(|l| is_managed(l) || takeover_allowed(l))
 }
 
 /// The claim the operator granted the Lease to (annotation).
 pub(super) fn claim_annotation(lease: &Lease) -> Option<String> {
     annotation(lease, CLAIM_ANNOTATION)
+}
+
+/// The uid of the claim the operator granted the Lease to (annotation).
+pub(super) fn claim_uid_annotation(lease: &Lease) -> Option<String> {
+    annotation(lease, CLAIM_UID_ANNOTATION)
 }
 
 /// Until when the Lease stays unassigned after an expiry (annotation).
@@ -110,7 +130,7 @@ pub(super) fn grant(
                 name: Some(name.to_string()),
                 namespace: c.metadata.namespace.clone(),
                 labels: Some([(MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string())].into()),
-                annotations: Some([(CLAIM_ANNOTATION.to_string(), super::name(c))].into()),
+                annotations: Some(grant_annotations(c)),
                 ..ObjectMeta::default()
             },
             spec: Some(LeaseSpec {
@@ -136,8 +156,22 @@ pub(super) fn grant(
     spec.renew_time = Some(MicroTime(now.wall));
     spec.lease_duration_seconds = Some(c.spec.lease_duration_seconds);
     set_annotation(&mut l, LOCK_DELAY_ANNOTATION, None);
-    set_annotation(&mut l, CLAIM_ANNOTATION, c.metadata.name.clone());
+    for (k, v) in grant_annotations(c) {
+        set_annotation(&mut l, &k, Some(v));
+    }
+    if c.metadata.uid.is_none() {
+        set_annotation(&mut l, CLAIM_UID_ANNOTATION, None);
+    }
     (LeaseWriteKind::Grant, l)
+}
+
+/// The annotations that say which claim a grant is for: its name and uid.
+fn grant_annotations(c: &LockClaim) -> BTreeMap<String, String> {
+    let mut a = BTreeMap::from([(CLAIM_ANNOTATION.to_string(), super::name(c))]);
+    if let Some(uid) = &c.metadata.uid {
+        a.insert(CLAIM_UID_ANNOTATION.to_string(), uid.clone());
+    }
+    a
 }
 
 /// The Lease write that clears the holder, keeping a lock delay that still runs.
@@ -153,6 +187,7 @@ pub(super) fn clear(lease: &Lease, lock_delay_until: Option<Timestamp>) -> Lease
         lock_delay_until.map(|u| u.to_string()),
     );
     set_annotation(&mut l, CLAIM_ANNOTATION, None);
+    set_annotation(&mut l, CLAIM_UID_ANNOTATION, None);
     l
 }
 

@@ -9,15 +9,17 @@
 //! `decide` reads as its phases, one module each: [`view`] observes, [`ends`] decides
 //! which claims end, [`free`] whether the Lease is free and who is next; then the
 //! plan's writes are laid down in the write order (docs/design.md, "Write order"):
-//! 1. finalizers added to new claims ([`finalizers`]);
-//! 2. claims that stop holding are marked not Granted ([`endings`]), after a fresh
+//! 1. claims that stop holding are marked not Granted ([`endings`]), after a fresh
 //!    read of the Lease when the verdict came from it ([`verify`]);
-//! 3. the Lease is written, with the resourceVersion it was decided from ([`grant`]);
-//! 4. the new holder is marked Granted (its fencing token is the Lease's new
+//! 2. the Lease is written, with the resourceVersion it was decided from ([`grant`]);
+//! 3. the new holder is marked Granted (its fencing token is the Lease's new
 //!    resourceVersion) ([`grant`]);
-//! 5. waiting claims get their queue positions ([`queue`]); deleted claims lose their
-//!    finalizer ([`finalizers`]); finished claims and unused Leases due for garbage
+//! 4. waiting claims get their queue positions ([`queue`]); a legacy finalizer comes
+//!    off ([`finalizers`]); finished claims and unused Leases due for garbage
 //!    collection are deleted ([`cleanup`]).
+//!
+//! A Lease the operator did not create, and whose owner has not allowed a takeover, is
+//! never written ([`view::Holding::Foreign`]).
 
 use std::time::Duration;
 
@@ -40,7 +42,7 @@ mod status;
 mod verify;
 mod view;
 
-pub use lease::is_managed;
+pub use lease::{is_managed, takeover_allowed, writable};
 pub use reason::{End, Reason};
 pub use view::min_takeover_grace;
 
@@ -58,6 +60,9 @@ pub const CONDITION_FINISHED: &str = "Finished";
 /// Annotation on a Lease: the name of the LockClaim the operator granted it to. The
 /// holderIdentity alone cannot tell two claims with one identity apart.
 pub const CLAIM_ANNOTATION: &str = "leasekeeper.io/claim";
+/// Annotation on a Lease: the uid of the LockClaim the operator granted it to, so that a
+/// claim deleted and created again under the same name is not taken for the holder.
+pub const CLAIM_UID_ANNOTATION: &str = "leasekeeper.io/claim-uid";
 /// Annotation on a Lease: until when (RFC 3339, operator clock) it stays unassigned
 /// after an expiry (spec.lockDelaySeconds of the expired claim).
 pub const LOCK_DELAY_ANNOTATION: &str = "leasekeeper.io/lock-delay-until";
@@ -97,6 +102,9 @@ pub struct Memory {
     pub unclaimed_since: Option<Duration>,
     /// When the last grant ended (for the handoff-latency metric).
     pub freed_at: Option<Duration>,
+    /// The claim this process granted the Lease to, and when (the exact acquireTime it
+    /// wrote; the claim's status has only seconds).
+    pub acquired: Option<(String, Timestamp)>,
 }
 
 impl Memory {
@@ -281,12 +289,11 @@ pub fn decide(input: &Input<'_>) -> Plan {
     let ends = ends::decide(&v, &mut d);
     let free = free::decide(&v, &ends, &mut d);
 
-    finalizers::add(&v, &ends, &mut d);
     verify::before_verdicts(&v, &ends, &free, &mut d);
     endings::mark(&v, &ends, &free, &mut d);
     let granted = grant::write_lease(&v, &free, &mut d);
     queue::positions(&v, &ends, &free, granted, &mut d);
-    finalizers::remove(&v, &mut d);
+    finalizers::remove_legacy(&v, &mut d);
     cleanup::ttl(&v, &mut d);
     cleanup::gc(&v, &ends, &mut d);
     d.finish()
@@ -318,6 +325,16 @@ impl Draft {
         self.push(Step::Event(Note {
             target,
             warning: false,
+            reason,
+            message,
+        }));
+    }
+
+    /// Publishes a Warning Event at this point of the plan.
+    fn warn(&mut self, target: Target, reason: Reason, message: String) {
+        self.push(Step::Event(Note {
+            target,
+            warning: true,
             reason,
             message,
         }));

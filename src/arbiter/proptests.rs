@@ -18,9 +18,15 @@ enum Op {
         duration: i32,
         lock_delay: i32,
         dup: bool,
+        /// The claim names the outsider's identity (an attempt to adopt its Lease).
+        adopt: bool,
         max_hold: Option<i64>,
     },
     Delete(u8),
+    /// Deleted and created again under the same name (a new uid), seen as one change.
+    Recreate(u8),
+    /// The holder stretches its Lease's duration and acquireTime.
+    Stretch,
     Release(u8),
     Renew {
         id: u8,
@@ -42,15 +48,18 @@ enum Op {
     /// while the operator knows only the Lease from before; then it decides and writes.
     StalledLease(u64),
     Restart,
-    Outsider(Option<u8>),
+    /// Someone with Lease write writes it (holder), allowing a takeover or not.
+    Outsider(Option<u8>, bool),
     DeleteLease,
 }
 
 fn leaf() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (0u8..6, -2i32..3, any::<bool>(), 2i32..12, 0i32..4, proptest::bool::weighted(0.15), proptest::option::weighted(0.15, 5i64..40))
-            .prop_map(|(id, priority, holder, duration, lock_delay, dup, max_hold)| Op::Create { id, priority, holder, duration, lock_delay, dup, max_hold }),
+        3 => (0u8..6, -2i32..3, any::<bool>(), 2i32..12, 0i32..4, proptest::bool::weighted(0.15), proptest::bool::weighted(0.1), proptest::option::weighted(0.15, 5i64..40))
+            .prop_map(|(id, priority, holder, duration, lock_delay, dup, adopt, max_hold)| Op::Create { id, priority, holder, duration, lock_delay, dup, adopt, max_hold }),
         1 => (0u8..6).prop_map(Op::Delete),
+        1 => (0u8..6).prop_map(Op::Recreate),
+        1 => Just(Op::Stretch),
         1 => (0u8..6).prop_map(Op::Release),
         2 => (0u8..6, prop_oneof![Just(0i64), Just(-600), Just(600)]).prop_map(|(id, skew)| Op::Renew { id, skew }),
         1 => (0u8..6, 10u8..49, prop_oneof![Just(0i64), Just(-600), Just(600)]).prop_map(|(id, every_pct, skew)| Op::Healthy { id, every_pct, skew }),
@@ -59,7 +68,7 @@ fn leaf() -> impl Strategy<Value = Op> {
         5 => Just(Op::Reconcile),
         1 => (0usize..8).prop_map(Op::Crash),
         1 => Just(Op::Restart),
-        1 => proptest::option::of(0u8..2).prop_map(Op::Outsider),
+        1 => (proptest::option::of(0u8..2), any::<bool>()).prop_map(|(h, t)| Op::Outsider(h, t)),
         1 => Just(Op::DeleteLease),
         1 => (0u64..15_000).prop_map(Op::StalledLease),
     ]
@@ -90,6 +99,7 @@ fn run(w: &mut World, op: &Op) {
             duration,
             lock_delay,
             dup,
+            adopt,
             max_hold,
         } => {
             if w.claims.contains_key(&name(*id)) {
@@ -107,6 +117,9 @@ fn run(w: &mut World, op: &Op) {
             if *dup {
                 s.holder_identity = Some("dup".into());
             }
+            if *adopt {
+                s.holder_identity = Some("outsider-0".into());
+            }
             // A new claim is a new life for its identity: a holder registered as healthy
             // for an earlier claim (another duration) no longer describes it.
             let identity = s.holder_identity.clone().unwrap_or_else(|| name(*id));
@@ -114,6 +127,8 @@ fn run(w: &mut World, op: &Op) {
             w.create(&name(*id), s);
         }
         Op::Delete(id) => w.delete(&name(*id)),
+        Op::Recreate(id) => w.recreate(&name(*id)),
+        Op::Stretch => w.holder_stretches_lease(),
         Op::Release(id) => w.release(&name(*id)),
         Op::Renew { id, skew } => {
             if let Some(i) = identity_of(w, *id) {
@@ -199,9 +214,9 @@ fn run(w: &mut World, op: &Op) {
             w.outsider_dirty |= dirty;
         }
         Op::Restart => w.restart(),
-        Op::Outsider(h) => {
+        Op::Outsider(h, takeover) => {
             let holder = h.map(|i| format!("outsider-{i}"));
-            w.outsider_write(holder.as_deref(), 5);
+            w.outsider_write(holder.as_deref(), 5, *takeover);
         }
         Op::DeleteLease => w.delete_lease(),
     }
@@ -229,6 +244,24 @@ fn history(ops: &[Op], lease_precondition: bool) -> Result<(), TestCaseError> {
     w.settle();
     if let Err(e) = w.check_settled() {
         return Err(TestCaseError::fail(format!("settled: {e}")));
+    }
+    // Nobody has renewed since the holders stopped: a Holder claim Granted longer ago
+    // than its own duration would be judged by something else than its spec (the
+    // Lease's leaseDurationSeconds, which the Stretch op lets the holder raise).
+    let overdue = w.claims.values().find(|c| {
+        let acquired = c.status.as_ref().and_then(|s| s.acquire_time.as_ref());
+        c.spec.renewal == Renewal::Holder
+            && c.phase() == Some(crate::api::Phase::Granted)
+            && acquired.is_some_and(|t| {
+                let limit = i64::from(c.spec.lease_duration_seconds) + 2;
+                t.0 + jiff::SignedDuration::from_secs(limit) < w.wall
+            })
+    });
+    if let Some(c) = overdue {
+        return Err(TestCaseError::fail(format!(
+            "settled: {:?} still Granted past its duration without renewals",
+            c.metadata.name
+        )));
     }
     Ok(())
 }

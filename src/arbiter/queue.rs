@@ -34,16 +34,27 @@ pub(super) fn positions(
                 fill_token: false,
             });
         }
-        if first_time {
+        if why == Reason::LeaseNotManaged && !already(c, why) {
+            d.warn(Target::Claim(name(c)), why, msg);
+        } else if first_time {
             d.note(Target::Claim(name(c)), Reason::Queued, msg);
         }
     }
     d.plan.waiting = position as usize;
 }
 
-/// Why claims wait: an outsider holds the Lease, a lock delay runs, or a claim holds it.
+/// Whether `c` already waits for `why` (its Event was published then).
+fn already(c: &LockClaim, why: Reason) -> bool {
+    c.condition(crate::api::CONDITION_GRANTED)
+        .is_some_and(|x| x.reason == why.as_str())
+}
+
+/// Why claims wait: the Lease is not ours to write, an outsider holds it, a lock delay
+/// runs, or a claim holds it.
 fn wait_reason(free: &Free<'_>) -> Reason {
-    if free.holder_stays.is_some() {
+    if free.foreign {
+        Reason::LeaseNotManaged
+    } else if free.holder_stays.is_some() {
         Reason::Queued
     } else if free.outsider_alive {
         Reason::HeldExternally
@@ -56,6 +67,11 @@ fn wait_reason(free: &Free<'_>) -> Reason {
 
 fn message(lease: &str, why: Reason, holder: Option<&str>, position: i32) -> String {
     match (why, holder) {
+        (Reason::LeaseNotManaged, _) => format!(
+            "Lease {lease} exists and was not created by leasekeeper: it is never written unless its owner labels it {}={}; position {position}",
+            crate::TAKEOVER_LABEL,
+            crate::TAKEOVER_ALLOWED
+        ),
         (Reason::LockDelay, _) => format!("waiting for the lock delay of Lease {lease} to end"),
         (_, Some(h)) => format!("waiting for Lease {lease} held by {h}; position {position}"),
         (_, None) => format!("waiting for Lease {lease}; position {position}"),

@@ -12,6 +12,9 @@ pub enum Reason {
     HeldExternally,
     /// Waiting: the lock delay after an expiry has not run out.
     LockDelay,
+    /// Waiting: the Lease exists, leasekeeper did not create it and its owner has not
+    /// allowed a takeover; the operator never writes it.
+    LeaseNotManaged,
     /// Another live claim for the Lease has the same holderIdentity.
     DuplicateIdentity,
     /// Released by delete or `release: true`.
@@ -28,6 +31,8 @@ pub enum Reason {
     LeaseGarbageCollected,
     /// Rejected (a terminal phase, the Event reason of DuplicateIdentity).
     Rejected,
+    /// An object the operator cannot decode (Event reason).
+    InvalidObject,
 }
 
 impl Reason {
@@ -38,6 +43,7 @@ impl Reason {
             Reason::Queued => "Queued",
             Reason::HeldExternally => "HeldExternally",
             Reason::LockDelay => "LockDelay",
+            Reason::LeaseNotManaged => "LeaseNotManaged",
             Reason::DuplicateIdentity => "DuplicateIdentity",
             Reason::Released => "Released",
             Reason::Expired => "Expired",
@@ -46,6 +52,7 @@ impl Reason {
             Reason::TakenOver => "TakenOver",
             Reason::LeaseGarbageCollected => "LeaseGarbageCollected",
             Reason::Rejected => "Rejected",
+            Reason::InvalidObject => "InvalidObject",
         }
     }
 

@@ -119,6 +119,7 @@ impl World {
         let secs = self.wall.as_second();
         c.metadata.creation_timestamp = Some(Time(Timestamp::from_second(secs).expect("valid")));
         c.metadata.resource_version = Some(self.next_rv());
+        c.metadata.uid = Some(format!("uid-{}", self.rv));
         self.claims.insert(name.into(), c);
     }
 
@@ -177,14 +178,22 @@ impl World {
         true
     }
 
-    /// Someone outside leasekeeper writes the Lease.
-    pub fn outsider_write(&mut self, holder: Option<&str>, duration: i32) {
+    /// Someone outside leasekeeper (with Lease write) writes the Lease: edits ours, or
+    /// creates one of its own, labelled to allow a takeover if `allow_takeover`.
+    pub fn outsider_write(&mut self, holder: Option<&str>, duration: i32, allow_takeover: bool) {
         let rv = self.next_rv();
         let wall = self.wall;
         let l = self.lease.get_or_insert_with(|| Lease {
             metadata: ObjectMeta {
                 name: Some(LEASE.into()),
                 namespace: Some(NS.into()),
+                labels: allow_takeover.then(|| {
+                    [(
+                        crate::TAKEOVER_LABEL.to_string(),
+                        crate::TAKEOVER_ALLOWED.to_string(),
+                    )]
+                    .into()
+                }),
                 ..ObjectMeta::default()
             },
             spec: Some(LeaseSpec::default()),
@@ -195,6 +204,29 @@ impl World {
         s.holder_identity = holder.map(str::to_string);
         s.renew_time = Some(MicroTime(wall));
         s.lease_duration_seconds = Some(duration);
+    }
+
+    /// The holder edits fields of its Lease the operator must not trust: the duration
+    /// and the acquireTime (pushed a day ahead).
+    pub fn holder_stretches_lease(&mut self) {
+        let rv = self.next_rv();
+        let later = self.wall + jiff::SignedDuration::from_hours(24);
+        if let Some(s) = self.lease.as_mut().and_then(|l| {
+            l.metadata.resource_version = Some(rv);
+            l.spec.as_mut()
+        }) {
+            s.lease_duration_seconds = Some(86_400);
+            s.acquire_time = Some(MicroTime(later));
+        }
+    }
+
+    /// A claim deleted and created again under the same name (a new uid), seen at once.
+    pub fn recreate(&mut self, name: &str) {
+        let Some(spec) = self.claims.get(name).map(|c| c.spec.clone()) else {
+            return;
+        };
+        self.claims.remove(name);
+        self.create(name, spec);
     }
 
     pub fn delete_lease(&mut self) {
@@ -289,13 +321,18 @@ impl World {
 
     /// Reconciles until a plan makes no write (at most 10 rounds).
     pub fn settle(&mut self) {
+        let mut last = Vec::new();
         for _ in 0..10 {
             let plan = self.reconcile();
             if !plan.steps.iter().any(|s| !matches!(s, Step::Event(_))) {
                 return;
             }
+            last = plan.steps;
         }
-        panic!("did not settle in 10 rounds: {:#?}", self.claims);
+        panic!(
+            "did not settle in 10 rounds; last plan: {last:#?}\nclaims: {:#?}\nlease: {:#?}",
+            self.claims, self.lease
+        );
     }
 
     pub fn rvs(&self) -> HashMap<String, String> {
@@ -430,9 +467,9 @@ impl World {
                     self.max_token = token;
                     self.grants += 1;
                 }
-                if lost_lease && self.holder().as_deref() == Some(identity.as_str()) {
+                if lost_lease && self.grant_names(claim, &identity) {
                     self.violations.push(format!(
-                        "{identity} marked LeaseLost while the Lease names it"
+                        "{identity} marked LeaseLost while our grant on the Lease names it"
                     ));
                 }
                 if expired_by_heartbeat && self.healthy.contains_key(&identity) {
@@ -452,6 +489,8 @@ impl World {
                     _ if !self.lease_precondition => {}
                     _ => return Err(Conflict),
                 }
+                // The write lands: the Lease it replaces must have been ours to write.
+                self.check_writable();
                 let mut l = (**lease).clone();
                 l.metadata.resource_version = Some(next_rv.clone());
                 *last_lease_rv = next_rv.parse().ok();
@@ -465,6 +504,7 @@ impl World {
                 if have.as_ref() != Some(resource_version) {
                     return Err(Conflict);
                 }
+                self.check_writable();
                 self.lease = None;
             }
             Step::RemoveFinalizer { claim } => {
@@ -491,6 +531,17 @@ impl World {
         Ok(())
     }
 
+    /// A claim never makes the operator write a Lease it did not create (unless its owner
+    /// allowed a takeover).
+    fn check_writable(&mut self) {
+        if !super::writable(self.lease.as_ref()) {
+            self.violated(format!(
+                "wrote a Lease leasekeeper did not create: {:?}",
+                self.lease
+            ));
+        }
+    }
+
     /// The invariants that hold at every observable moment.
     pub fn check(&self) -> Result<(), String> {
         let granted: Vec<&LockClaim> = self
@@ -514,6 +565,17 @@ impl World {
             .and_then(|l| l.spec.as_ref())
             .and_then(|s| s.holder_identity.clone());
         if let Some(g) = granted.first().filter(|_| !self.outsider_dirty) {
+            let annotated = self
+                .lease
+                .as_ref()
+                .and_then(|l| l.metadata.annotations.as_ref())
+                .and_then(|a| a.get(super::CLAIM_ANNOTATION));
+            if annotated != g.metadata.name.as_ref() {
+                return Err(format!(
+                    "claim {:?} Granted but the Lease's grant names {annotated:?}: only our own write makes a holder",
+                    g.metadata.name
+                ));
+            }
             if holder.as_deref() != Some(g.identity().as_str()) {
                 // Only an outsider's write can make them disagree, and the arbiter
                 // demotes the claim on its next look; a write of ours never does.
@@ -546,8 +608,16 @@ impl World {
         let managed = self.lease.as_ref().is_some_and(super::is_managed);
         if managed && granted.is_none() {
             if let Some(h) = &holder {
-                if self.claims.values().any(|c| c.identity() == *h) {
-                    return Err(format!("managed Lease names {h} but no claim is Granted"));
+                // Our grant to a claim that is no longer Granted must have been cleared
+                // or handed on (an outsider's write is another matter).
+                if self
+                    .claims
+                    .iter()
+                    .any(|(n, c)| self.grant_names(n, &c.identity()))
+                {
+                    return Err(format!(
+                        "managed Lease still grants {h} but no claim is Granted"
+                    ));
                 }
             }
         }
@@ -576,6 +646,16 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// Whether the Lease is our grant to claim `name` (annotation) holding `identity`.
+    pub fn grant_names(&self, name: &str, identity: &str) -> bool {
+        let annotated = self
+            .lease
+            .as_ref()
+            .and_then(|l| l.metadata.annotations.as_ref())
+            .and_then(|a| a.get(super::CLAIM_ANNOTATION));
+        self.holder().as_deref() == Some(identity) && annotated.map(String::as_str) == Some(name)
     }
 
     pub fn phase(&self, name: &str) -> Option<Phase> {

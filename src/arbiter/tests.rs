@@ -59,11 +59,20 @@ fn a_claim_on_an_absent_lease_creates_it_and_is_granted() {
         token, lease_rv,
         "the token is the Lease's resourceVersion after the granting write"
     );
-    assert!(w.claims["a"]
-        .metadata
-        .finalizers
-        .as_ref()
-        .is_some_and(|f| f.contains(&FINALIZER.to_string())));
+    assert!(
+        w.claims["a"].metadata.finalizers.is_none(),
+        "claims carry no finalizer"
+    );
+    let ann = lease.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(
+        ann.get(super::CLAIM_ANNOTATION).map(String::as_str),
+        Some("a")
+    );
+    assert_eq!(
+        ann.get(super::CLAIM_UID_ANNOTATION),
+        w.claims["a"].metadata.uid.as_ref(),
+        "the grant names the claim's uid"
+    );
     assert_eq!(
         w.claims["a"]
             .condition(CONDITION_GRANTED)
@@ -74,19 +83,30 @@ fn a_claim_on_an_absent_lease_creates_it_and_is_granted() {
 }
 
 #[test]
-fn the_finalizer_is_added_before_the_lease_is_written() {
+fn a_legacy_finalizer_comes_off_after_the_lease_moves_and_none_is_added() {
     let mut w = World::default();
     w.create("a", spec(15));
+    w.claims.get_mut("a").expect("a").metadata.finalizers = Some(vec![FINALIZER.into()]);
+    w.create("b", spec(15));
     let plan = w.plan();
-    let fin = plan
+    assert!(!plan
         .steps
         .iter()
-        .position(|s| matches!(s, Step::AddFinalizer { .. }));
+        .any(|s| matches!(s, Step::AddFinalizer { .. })));
     let write = plan
         .steps
         .iter()
         .position(|s| matches!(s, Step::WriteLease { .. }));
-    assert!(fin.expect("finalizer") < write.expect("lease write"));
+    let off = plan
+        .steps
+        .iter()
+        .position(|s| matches!(s, Step::RemoveFinalizer { .. }));
+    assert!(write.expect("lease write") < off.expect("legacy finalizer off"));
+    w.settle();
+    assert!(w
+        .claims
+        .values()
+        .all(|c| c.metadata.finalizers.as_ref().is_none_or(|f| f.is_empty())));
 }
 
 #[test]
@@ -434,9 +454,9 @@ fn after_a_restart_a_fresh_lease_gets_a_full_duration() {
 }
 
 #[test]
-fn an_outsiders_lease_is_respected_while_renewed_then_taken_over() {
+fn an_outsiders_lease_is_respected_while_renewed_then_taken_over_when_its_owner_allows() {
     let mut w = World::default();
-    w.outsider_write(Some("someone-else"), 6);
+    w.outsider_write(Some("someone-else"), 6, true);
     w.create("a", spec(15));
     w.settle();
     assert_eq!(w.phase("a"), Some(Phase::Pending));
@@ -453,7 +473,7 @@ fn an_outsiders_lease_is_respected_while_renewed_then_taken_over() {
     );
     for _ in 0..5 {
         w.advance(secs(4));
-        w.outsider_write(Some("someone-else"), 6);
+        w.outsider_write(Some("someone-else"), 6, true);
         w.settle();
         assert_eq!(w.phase("a"), Some(Phase::Pending));
     }
@@ -469,6 +489,169 @@ fn an_outsiders_lease_is_respected_while_renewed_then_taken_over() {
     assert!(
         !super::is_managed(lease),
         "an outsider's Lease is not labelled as ours"
+    );
+}
+
+#[test]
+fn a_foreign_lease_is_never_written_and_its_claims_wait_with_lease_not_managed() {
+    let mut w = World::default();
+    w.outsider_write(Some("app-0_abc"), 2, false);
+    let rv = w
+        .lease
+        .as_ref()
+        .and_then(|l| l.metadata.resource_version.clone());
+    let mut s = spec(86_400);
+    s.holder_identity = Some("app-0_abc".into());
+    w.create("adopt", s);
+    w.create("grab", spec(1));
+    for _ in 0..5 {
+        w.settle();
+        w.advance(secs(10));
+    }
+    w.delete("adopt");
+    w.settle();
+    assert_eq!(
+        w.lease
+            .as_ref()
+            .and_then(|l| l.metadata.resource_version.clone()),
+        rv,
+        "the Lease was never written"
+    );
+    assert_eq!(w.phase("grab"), Some(Phase::Pending));
+    let c = w.claims["grab"]
+        .condition(CONDITION_GRANTED)
+        .cloned()
+        .expect("condition");
+    assert_eq!(c.reason, Reason::LeaseNotManaged.as_str());
+    assert!(
+        c.message.contains("leasekeeper.io/takeover=allowed"),
+        "{}",
+        c.message
+    );
+    let warnings = w
+        .notes
+        .iter()
+        .filter(|n| {
+            n.warning
+                && n.reason == Reason::LeaseNotManaged
+                && n.target == Target::Claim("grab".into())
+        })
+        .count();
+    assert_eq!(
+        warnings, 1,
+        "one Warning Event when the claim starts waiting on it"
+    );
+    // Once the owner allows it, the stalled Lease is taken over.
+    if let Some(l) = w.lease.as_mut() {
+        l.metadata.labels = Some(
+            [(
+                crate::TAKEOVER_LABEL.to_string(),
+                crate::TAKEOVER_ALLOWED.to_string(),
+            )]
+            .into(),
+        );
+    }
+    w.settle();
+    assert_eq!(w.phase("grab"), Some(Phase::Granted));
+}
+
+#[test]
+fn the_holders_identity_alone_never_makes_a_claim_the_holder() {
+    let mut w = World::default();
+    w.outsider_write(Some("app-0_abc"), 30, true);
+    let mut s = spec(1);
+    s.holder_identity = Some("app-0_abc".into());
+    w.create("adopt", s);
+    w.settle();
+    assert_eq!(
+        w.phase("adopt"),
+        Some(Phase::Pending),
+        "not adopted by identity"
+    );
+    assert_eq!(
+        w.claims["adopt"]
+            .condition(CONDITION_GRANTED)
+            .map(|c| c.reason.clone())
+            .as_deref(),
+        Some(Reason::HeldExternally.as_str())
+    );
+}
+
+#[test]
+fn expiry_and_max_hold_follow_the_claim_not_fields_the_holder_edits_on_the_lease() {
+    let mut w = World::default();
+    w.create("a", holder_spec(4));
+    w.settle();
+    w.holder_stretches_lease();
+    w.advance(secs(3));
+    w.settle();
+    assert_eq!(w.phase("a"), Some(Phase::Granted));
+    w.advance(secs(2));
+    w.settle();
+    assert_eq!(
+        w.phase("a"),
+        Some(Phase::Expired),
+        "expired by the claim's 4 s"
+    );
+    let mut s = holder_spec(10);
+    s.max_hold_seconds = Some(5);
+    w.create("b", s);
+    w.settle();
+    assert_eq!(w.phase("b"), Some(Phase::Granted));
+    for _ in 0..4 {
+        w.advance(secs(2));
+        w.renew("b", 0);
+        w.holder_stretches_lease();
+        w.settle();
+    }
+    assert_eq!(w.phase("b"), Some(Phase::Expired));
+    assert_eq!(
+        w.claims["b"]
+            .condition(CONDITION_GRANTED)
+            .map(|c| c.reason.clone())
+            .as_deref(),
+        Some(Reason::MaxHoldExceeded.as_str())
+    );
+}
+
+#[test]
+fn a_deleted_holder_hands_the_lease_on_with_one_write_and_its_grant_is_counted() {
+    let mut w = World::default();
+    w.create("a", spec(15));
+    w.settle();
+    w.create("b", spec(15));
+    w.settle();
+    w.delete("a");
+    let plan = w.reconcile();
+    assert!(plan.outcomes.contains(&super::Outcome::Released));
+    let lease_writes = plan
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Step::WriteLease { .. }))
+        .count();
+    assert_eq!(
+        lease_writes, 1,
+        "straight to the next holder: {:#?}",
+        plan.steps
+    );
+    assert_eq!(w.phase("b"), Some(Phase::Granted));
+    assert_eq!(w.holder().as_deref(), Some("b"));
+}
+
+#[test]
+fn a_claim_created_again_under_the_holders_name_is_not_the_holder() {
+    let mut w = World::default();
+    w.create("a", spec(15));
+    w.settle();
+    let t1 = w.status("a").fencing_token.expect("token");
+    w.advance(secs(1));
+    w.recreate("a");
+    w.settle();
+    assert_eq!(w.phase("a"), Some(Phase::Granted));
+    let t2 = w.status("a").fencing_token.expect("token");
+    assert!(
+        t2 > t1,
+        "a new grant (token {t2} after {t1}), not the old one taken over"
     );
 }
 
@@ -519,7 +702,7 @@ fn an_unused_managed_lease_is_garbage_collected_and_tokens_keep_rising() {
 #[test]
 fn a_lease_we_did_not_create_is_never_garbage_collected() {
     let mut w = World::default();
-    w.outsider_write(None, 15);
+    w.outsider_write(None, 15, false);
     w.advance(secs(3600));
     w.settle();
     assert!(w.lease.is_some());

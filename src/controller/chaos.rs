@@ -4,7 +4,9 @@
 //!
 //! - Negative controls: deliberately broken behaviour chosen by `LEASEKEEPER_BREAK`
 //!   (comma-separated): `no-precondition`, `grant-before-lease`, `skip-lock-delay`,
-//!   `non-leader-writes`. The chaos checker must catch each.
+//!   `non-leader-writes`, `release-before-drain`. The chaos checker must catch each.
+//! - Every successful write logged with the resourceVersion it produced (`CHAOS-WROTE`),
+//!   so the checker can order it against the leadership Lease.
 //! - The Lease-watch stall fault: on SIGUSR1 this replica stops taking in Lease watch
 //!   events for `LEASEKEEPER_CHAOS_LEASE_WATCH_STALL` (default 3 s), then takes in what
 //!   queued up, late: a lagging watch, as after a slow watch cache or a stuck stream.
@@ -190,4 +192,27 @@ pub(super) async fn write_lease(
         },
         other => other,
     })
+}
+
+/// `release-before-drain`: on SIGTERM the leader releases leadership first and keeps
+/// working a while (a shutdown that forgot to end its term and drain).
+pub(super) fn releases_before_draining() -> bool {
+    broken("release-before-drain")
+}
+
+/// The sloppy shutdown's work after its release (see [`releases_before_draining`]).
+pub(super) async fn keep_working_after_release() {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// Every successful write is logged with the resourceVersion it produced, so that the
+/// chaos checker can order it against the leadership Lease's history (etcd's one
+/// revision counter orders both): no write may follow a successor's taking over.
+pub(super) fn wrote(identity: Option<&str>, namespace: &str, rv: Option<&str>) {
+    if let Some(rv) = rv {
+        tracing::warn!(
+            "CHAOS-WROTE identity={} ns={namespace} rv={rv}",
+            identity.unwrap_or("")
+        );
+    }
 }

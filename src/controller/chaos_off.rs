@@ -56,3 +56,14 @@ pub(super) async fn write_lease(
 ) -> Option<Result<Lease, kube::Error>> {
     None
 }
+
+#[inline(always)]
+pub(super) fn releases_before_draining() -> bool {
+    false
+}
+
+#[inline(always)]
+pub(super) async fn keep_working_after_release() {}
+
+#[inline(always)]
+pub(super) fn wrote(_: Option<&str>, _: &str, _: Option<&str>) {}

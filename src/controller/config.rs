@@ -39,6 +39,16 @@ pub struct RunConfig {
     /// A leader that has not renewed for this long stops and exits (< the term).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub leader_renew_deadline: Duration,
+    /// A leader whose watch caches have not synced this long after it started leading
+    /// steps down (releases the leadership Lease and exits) so that another replica can
+    /// try; it is not Ready meanwhile.
+    #[arg(long, env = "LEASEKEEPER_CACHE_SYNC_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub cache_sync_timeout: Duration,
+    /// On shutdown or loss of leadership: the longest wait for in-flight reconciles
+    /// (their term has ended, so they write nothing more) before the leadership Lease
+    /// is released.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
     /// How often the leader renews.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub leader_retry_period: Duration,

@@ -66,6 +66,12 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// The reconcile of Lease `lease` panicked: contained, counted, retried with backoff.
+    #[error("the reconcile of Lease {lease} panicked")]
+    Panicked {
+        /// Lease name.
+        lease: String,
+    },
     /// This replica's leadership term ran out before a write of the plan for Lease
     /// `lease`: the rest of the plan is dropped (the next leader decides afresh).
     #[error("leadership term ran out before a write for Lease {lease}; plan dropped")]
@@ -77,7 +83,7 @@ pub enum Error {
 
 impl Error {
     /// Every reason [`Error::reason`] can return (metrics start them at zero).
-    pub const REASONS: [&'static str; 8] = [
+    pub const REASONS: [&'static str; 9] = [
         "Conflict",
         "LeaseReadFailed",
         "LeaseWriteFailed",
@@ -86,6 +92,7 @@ impl Error {
         "FinalizerFailed",
         "ClaimDeleteFailed",
         "TermEnded",
+        "Panic",
     ];
 
     /// A stable PascalCase reason for metric labels and Events.
@@ -99,6 +106,7 @@ impl Error {
             Error::FinalizerFailed { .. } => "FinalizerFailed",
             Error::ClaimDeleteFailed { .. } => "ClaimDeleteFailed",
             Error::TermEnded { .. } => "TermEnded",
+            Error::Panicked { .. } => "Panic",
         }
     }
 
@@ -134,6 +142,10 @@ pub enum RunError {
     /// Leader election failed.
     #[error(transparent)]
     Election(#[from] crate::leader::ElectionError),
+    /// The watch caches did not sync in time: the leader steps down so another replica
+    /// can try.
+    #[error("the caches did not sync within {0:?} (can this replica list LockClaims and Leases? see the RBAC in the chart); stepped down so that another replica can lead")]
+    CacheSyncTimeout(Duration),
     /// This replica lost leadership: it stopped writing and exits so it restarts clean.
     #[error("lost leadership; exiting so that this replica restarts clean")]
     LeadershipLost,

@@ -256,6 +256,7 @@ impl<'a> Executor<'a> {
             LeaseWriteKind::Clear => WriteKind::LeaseClear,
         });
         let rv = obj.resource_version();
+        self.wrote(rv.as_deref());
         self.lease_token = rv.as_ref().and_then(|v| v.parse().ok());
         self.written.lease = parse_rv(rv.as_ref());
         if matches!(kind, LeaseWriteKind::Create | LeaseWriteKind::Grant) {
@@ -311,7 +312,17 @@ impl<'a> Executor<'a> {
         }
     }
 
+    /// A write landed, producing resourceVersion `rv` (the chaos build logs it).
+    fn wrote(&self, rv: Option<&str>) {
+        chaos::wrote(
+            self.ctx.reporter.instance.as_deref(),
+            &self.key.namespace,
+            rv,
+        );
+    }
+
     fn note_claim(&mut self, claim: &str, rv: Option<String>) {
+        self.wrote(rv.as_deref());
         if let Some(rv) = rv {
             if let Ok(n) = rv.parse() {
                 self.written.claims.insert(claim.to_string(), n);

@@ -18,6 +18,7 @@ pub mod queue;
 mod reconcile;
 mod run;
 mod watches;
+mod worker;
 
 #[cfg(feature = "chaos-negative-controls")]
 mod chaos;
@@ -37,7 +38,7 @@ use tokio::time::Instant;
 
 pub use config::RunConfig;
 pub use errors::{Error, RunError};
-pub use run::{controller, run, shutdown_signal, wait_for_crd};
+pub use run::{controller, controller_until, run, shutdown_signal, wait_for_crd};
 
 use crate::api::LockClaim;
 use crate::arbiter::{self, Memory};
@@ -78,7 +79,9 @@ pub struct Context {
     /// Claim names per Lease key (leaseName is immutable, so this only grows and shrinks).
     index: Mutex<HashMap<LeaseKey, HashSet<String>>>,
     keys: Mutex<HashMap<LeaseKey, KeyState>>,
-    queue: WorkQueue<LeaseKey>,
+    queue: Arc<WorkQueue<LeaseKey>>,
+    /// Objects the watches delivered that cannot be decoded: (kind, namespace, name).
+    invalid: Mutex<HashSet<(String, String, String)>>,
     config: arbiter::Config,
     origin: Instant,
     /// The leadership term writes are made under.
@@ -97,5 +100,9 @@ impl Context {
 
     fn index(&self) -> std::sync::MutexGuard<'_, HashMap<LeaseKey, HashSet<String>>> {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn invalid_objects(&self) -> std::sync::MutexGuard<'_, HashSet<(String, String, String)>> {
+        self.invalid.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -42,6 +42,16 @@ pub(super) async fn reconcile_key(ctx: &Arc<Context>, key: &LeaseKey) {
     }
 }
 
+/// A reconcile panicked (the worker contained it): counted as an error of reason
+/// `Panic`, and the key tried again with backoff, like any failure.
+pub(super) fn reconcile_panicked(ctx: &Context, key: &LeaseKey) {
+    let e = Error::Panicked {
+        lease: key.name.clone(),
+    };
+    let after = failed(ctx, key, &e);
+    ctx.queue.schedule(key.clone(), Instant::now() + after);
+}
+
 /// Counts and logs a failed reconcile; returns the backoff before the next try.
 fn failed(ctx: &Context, key: &LeaseKey, e: &Error) -> Duration {
     let failures = {

@@ -7,17 +7,18 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::core::DeserializeGuard;
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector;
 use kube::runtime::wait::{await_condition, conditions};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, CustomResourceExt};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::queue::WorkQueue;
-use super::reconcile::reconcile_key;
-use super::watches::{claim_seen, lease_seen, slim};
-use super::{chaos, Context, Error, RunConfig, RunError};
+use super::reconcile::{reconcile_key, reconcile_panicked};
+use super::watches::{self, claim_seen, lease_seen, slim};
+use super::{chaos, worker, Context, Error, LeaseKey, RunConfig, RunError};
 use crate::api::LockClaim;
 use crate::arbiter;
 use crate::leader::Term;
@@ -26,6 +27,10 @@ use crate::telemetry::{self, Metrics, Readiness, ReasonLabel};
 /// Runs the operator until it fails or receives SIGINT/SIGTERM.
 pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     chaos::arm();
+    let election = election_config(&cfg);
+    if cfg.leader_elect {
+        election.check_timings()?;
+    }
     let client = Client::try_default().await.map_err(RunError::Config)?;
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::default());
@@ -38,46 +43,137 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     );
     if !cfg.leader_elect {
         metrics.leader.set(1);
-        return tokio::select! {
-            res = controller(client, cfg, metrics, readiness, Term::unbounded()) => res,
-            _ = shutdown_signal() => {
-                tracing::info!("shutting down");
-                Ok(())
-            }
-        };
+        return run_alone(client, cfg, metrics, readiness).await;
     }
     // A follower is ready: it serves probes and waits to take over.
     readiness.set(true);
-    let election = crate::leader::ElectionConfig {
-        namespace: cfg.leader_namespace.clone().unwrap_or_else(own_namespace),
-        name: cfg.leader_lease_name.clone(),
-        identity: cfg.identity(),
-        lease_duration: cfg.leader_lease_duration,
-        renew_deadline: cfg.leader_renew_deadline,
-        retry_period: cfg.leader_retry_period,
-    };
     if let Some(res) =
         chaos::without_leadership(&client, &cfg, &metrics, &readiness, &election).await
     {
         return res;
     }
     tracing::info!(identity = %election.identity, lease = %election.name, namespace = %election.namespace, "waiting for leadership");
-    let mut leadership = tokio::select! {
+    let leadership = tokio::select! {
         l = election.acquire(client.clone()) => l?,
         _ = shutdown_signal() => return Ok(()),
     };
-    metrics.leader.set(1);
-    let term = leadership.term();
-    let result = tokio::select! {
-        res = controller(client, cfg, metrics.clone(), readiness, term) => res,
-        _ = leadership.lost() => Err(RunError::LeadershipLost),
+    lead(client, cfg, metrics, readiness, leadership).await
+}
+
+fn election_config(cfg: &RunConfig) -> crate::leader::ElectionConfig {
+    crate::leader::ElectionConfig {
+        namespace: cfg.leader_namespace.clone().unwrap_or_else(own_namespace),
+        name: cfg.leader_lease_name.clone(),
+        identity: cfg.identity(),
+        lease_duration: cfg.leader_lease_duration,
+        renew_deadline: cfg.leader_renew_deadline,
+        retry_period: cfg.leader_retry_period,
+    }
+}
+
+/// Without leader election: run until a signal, then end the term and drain.
+async fn run_alone(
+    client: Client,
+    cfg: RunConfig,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+) -> Result<(), RunError> {
+    let term = Term::unbounded();
+    let (stop, stopped) = watch::channel(false);
+    let ctl = controller_until(client, cfg, metrics, readiness, term.clone(), stopped);
+    tokio::pin!(ctl);
+    tokio::select! {
+        res = &mut ctl => res,
         _ = shutdown_signal() => {
-            tracing::info!("shutting down; handing leadership over");
+            tracing::info!("shutting down: term ended, draining in-flight reconciles");
+            term.end();
+            let _ = stop.send(true);
+            ctl.await
+        }
+    }
+}
+
+/// What ended a leader's run.
+enum Ending {
+    /// The controller stopped by itself (the caches never synced, a watch ended).
+    Stopped(Result<(), RunError>),
+    /// Renewal failed past the deadline, or another replica took the Lease.
+    Lost,
+    /// SIGTERM or SIGINT.
+    Signal,
+}
+
+/// Leads until the controller stops, leadership is lost, or a signal comes; then, in
+/// this order: the term ends (nothing is written from here on), in-flight reconciles
+/// are drained, and only then is the leadership Lease released, so that no write can
+/// follow a successor's first.
+async fn lead(
+    client: Client,
+    cfg: RunConfig,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    mut leadership: crate::leader::Leadership,
+) -> Result<(), RunError> {
+    metrics.leader.set(1);
+    // A new leader is not ready until its caches are synced.
+    readiness.set(false);
+    let term = leadership.term();
+    let (stop, stopped) = watch::channel(false);
+    let ctl = controller_until(
+        client,
+        cfg,
+        metrics.clone(),
+        readiness.clone(),
+        term.clone(),
+        stopped,
+    );
+    tokio::pin!(ctl);
+    let ending = tokio::select! {
+        res = &mut ctl => Ending::Stopped(res),
+        _ = leadership.lost() => Ending::Lost,
+        _ = shutdown_signal() => Ending::Signal,
+    };
+    let result = match ending {
+        Ending::Stopped(res) => {
+            // The controller drained itself before it returned.
+            term.end();
+            if let Err(RunError::CacheSyncTimeout(_)) = &res {
+                metrics
+                    .step_downs
+                    .get_or_create(&ReasonLabel {
+                        reason: "CacheSyncTimeout".into(),
+                    })
+                    .inc();
+            }
+            tracing::error!("stepping down: releasing leadership so that another replica can lead");
+            leadership.release().await;
+            res
+        }
+        Ending::Lost => {
+            term.end();
+            let _ = stop.send(true);
+            let _ = ctl.await;
+            Err(RunError::LeadershipLost)
+        }
+        Ending::Signal if chaos::releases_before_draining() => {
+            leadership.release().await;
+            chaos::keep_working_after_release().await;
+            term.end();
+            let _ = stop.send(true);
+            let _ = (&mut ctl).await;
+            Ok(())
+        }
+        Ending::Signal => {
+            tracing::info!("shutting down: term ended, draining in-flight reconciles, then handing leadership over");
+            term.end();
+            let _ = stop.send(true);
+            let _ = ctl.await;
             leadership.release().await;
             Ok(())
         }
     };
     metrics.leader.set(0);
+    readiness.set(false);
     result
 }
 
@@ -91,8 +187,8 @@ fn own_namespace() -> String {
 }
 
 /// The controller proper: watches, dispatcher and reconciles. Runs until a watch ends
-/// (never, in practice) or the future is dropped. It writes only while `term` is
-/// current ([`Term::unbounded`] without leader election).
+/// (never, in practice), the caches do not sync in time, or the future is dropped. It
+/// writes only while `term` is current ([`Term::unbounded`] without leader election).
 pub async fn controller(
     client: Client,
     cfg: RunConfig,
@@ -100,11 +196,25 @@ pub async fn controller(
     readiness: Arc<Readiness>,
     term: Term,
 ) -> Result<(), RunError> {
-    let (claim_api, lease_api): (Api<LockClaim>, Api<Lease>) = match cfg.watch_namespace.as_deref()
-    {
+    let (_never, stopped) = watch::channel(false);
+    controller_until(client, cfg, metrics, readiness, term, stopped).await
+}
+
+/// [`controller`] until `stop` turns true; then it stops taking work, waits for the
+/// reconciles in flight (up to `--drain-timeout`) and returns `Ok`. End the term before
+/// stopping it, so that what is still in flight writes nothing more.
+pub async fn controller_until(
+    client: Client,
+    cfg: RunConfig,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    term: Term,
+    stop: watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    let (claim_api, lease_api) = match cfg.watch_namespace.as_deref() {
         Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
+            Api::<DeserializeGuard<LockClaim>>::namespaced(client.clone(), ns),
+            Api::<DeserializeGuard<Lease>>::namespaced(client.clone(), ns),
         ),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
@@ -122,7 +232,8 @@ pub async fn controller(
         leases,
         index: Mutex::default(),
         keys: Mutex::default(),
-        queue: WorkQueue::default(),
+        queue: Arc::default(),
+        invalid: Mutex::default(),
         config: arbiter::Config {
             gc_grace: cfg.gc_grace,
         },
@@ -130,48 +241,50 @@ pub async fn controller(
         term,
     });
     let c = ctx.clone();
-    let claim_watch = reflector::reflector(
-        claim_writer,
+    let claim_events = watches::claims(
+        ctx.clone(),
         watcher(claim_api, watcher::Config::default()).modify(slim),
-    )
-    .default_backoff()
-    .for_each(move |ev| {
-        match ev {
-            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                claim_seen(&c, &o, false)
+    );
+    let claim_watch = reflector::reflector(claim_writer, claim_events)
+        .default_backoff()
+        .for_each(move |ev| {
+            match ev {
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                    claim_seen(&c, &o, false)
+                }
+                Ok(watcher::Event::Delete(o)) => claim_seen(&c, &o, true),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "LockClaim watch error; retrying"),
             }
-            Ok(watcher::Event::Delete(o)) => claim_seen(&c, &o, true),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "LockClaim watch error; retrying"),
-        }
-        futures::future::ready(())
-    });
+            futures::future::ready(())
+        });
     let c = ctx.clone();
-    let lease_watch = reflector::reflector(
-        lease_writer,
+    let lease_events = watches::leases(
+        ctx.clone(),
         watcher(lease_api, watcher::Config::default())
             .modify(slim)
             .then(|ev| async move {
                 chaos::lease_watch_point().await;
                 ev
             }),
-    )
-    .default_backoff()
-    .for_each(move |ev| {
-        match ev {
-            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                lease_seen(&c, &o, false)
+    );
+    let lease_watch = reflector::reflector(lease_writer, lease_events)
+        .default_backoff()
+        .for_each(move |ev| {
+            match ev {
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                    lease_seen(&c, &o, false)
+                }
+                Ok(watcher::Event::Delete(o)) => lease_seen(&c, &o, true),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "Lease watch error; retrying"),
             }
-            Ok(watcher::Event::Delete(o)) => lease_seen(&c, &o, true),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "Lease watch error; retrying"),
-        }
-        futures::future::ready(())
-    });
+            futures::future::ready(())
+        });
     tokio::select! {
         _ = claim_watch => Err(RunError::WatchEnded("LockClaim")),
         _ = lease_watch => Err(RunError::WatchEnded("Lease")),
-        _ = dispatch(ctx, readiness, cfg.concurrency) => Err(RunError::WatchEnded("cache")),
+        res = dispatch(ctx, readiness, &cfg, stop) => res,
     }
 }
 
@@ -195,28 +308,54 @@ fn start_counters_at_zero(metrics: &Metrics) {
     }
 }
 
-/// Once both caches are synced (then the process is ready), hands each due Lease key to
-/// a reconcile, at most `concurrency` at once and never one key twice at once.
-async fn dispatch(ctx: Arc<Context>, readiness: Arc<Readiness>, concurrency: usize) {
-    let (a, b) = tokio::join!(ctx.claims.wait_until_ready(), ctx.leases.wait_until_ready());
-    if a.is_err() || b.is_err() {
-        return;
+/// Once both caches are synced (then the process is ready; not within
+/// `--cache-sync-timeout`: an error), hands each due Lease key to a reconcile until
+/// `stop`, then drains.
+async fn dispatch(
+    ctx: Arc<Context>,
+    readiness: Arc<Readiness>,
+    cfg: &RunConfig,
+    stop: watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    let synced = async {
+        let (a, b) = tokio::join!(ctx.claims.wait_until_ready(), ctx.leases.wait_until_ready());
+        a.is_ok() && b.is_ok()
+    };
+    match tokio::time::timeout(cfg.cache_sync_timeout, synced).await {
+        Ok(true) => {}
+        Ok(false) => return Err(RunError::WatchEnded("cache")),
+        Err(_) => {
+            let e = RunError::CacheSyncTimeout(cfg.cache_sync_timeout);
+            tracing::error!(error = %e, "caches did not sync");
+            return Err(e);
+        }
     }
     readiness.set(true);
     tracing::info!("caches synced; reconciling");
-    let permits = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
-    loop {
-        let key = ctx.queue.next().await;
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let c = ctx.clone();
-        tokio::spawn(async move {
-            reconcile_key(&c, &key).await;
-            c.queue.done(&key);
-            drop(permit);
-        });
+    let work = {
+        let ctx = ctx.clone();
+        move |key: LeaseKey| {
+            let ctx = ctx.clone();
+            async move { reconcile_key(&ctx, &key).await }
+        }
+    };
+    let on_panic = {
+        let ctx = ctx.clone();
+        move |key: &LeaseKey| reconcile_panicked(&ctx, key)
+    };
+    let drained = worker::serve(
+        ctx.queue.clone(),
+        cfg.concurrency,
+        stop,
+        cfg.drain_timeout,
+        work,
+        on_panic,
+    )
+    .await;
+    if !drained {
+        tracing::warn!(timeout = ?cfg.drain_timeout, "reconciles still in flight after the drain timeout (their term has ended: they write nothing more)");
     }
+    Ok(())
 }
 
 /// Waits until the LockClaim CRD is Established (instead of crash-looping before it is).

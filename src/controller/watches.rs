@@ -1,12 +1,208 @@
-//! What the watches do with each event: keep the index of claims per Lease key, note
-//! when the cache has caught up with our own writes, and schedule the key.
+//! The watches: every object is decoded on its own (an object that cannot be decoded
+//! never stops a list or a watch, so one bad object cannot stop the operator for
+//! everyone); what each event changes (the index of claims per Lease key, whether the
+//! cache caught up with our own writes); and the key scheduled.
 
+use std::future::ready;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::ResourceExt;
+use kube::api::{Patch, PatchParams};
+use kube::core::{DeserializeGuard, DynamicObject, GroupVersionKind};
+use kube::discovery::ApiResource;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Resource, ResourceExt};
 
 use super::{Context, LeaseKey};
-use crate::api::LockClaim;
-use crate::arbiter;
+use crate::api::{LockClaim, LockClaimSpec};
+use crate::arbiter::{self, Note, Reason, Target};
+use crate::telemetry::KindLabel;
+
+type Guarded<K> = Result<Event<DeserializeGuard<K>>, watcher::Error>;
+
+/// The claim events of a guarded watch, for the reflector: an object that cannot be
+/// decoded is reported (and its status repaired) and left out; the store keeps its last
+/// decodable version, if any.
+pub(super) fn claims(
+    ctx: Arc<Context>,
+    events: impl Stream<Item = Guarded<LockClaim>>,
+) -> impl Stream<Item = Result<Event<LockClaim>, watcher::Error>> {
+    events.filter_map(move |ev| ready(ev.map(|e| decoded(&ctx, e, claim_stub)).transpose()))
+}
+
+/// The Lease events of a guarded watch (see [`claims`]).
+pub(super) fn leases(
+    ctx: Arc<Context>,
+    events: impl Stream<Item = Guarded<Lease>>,
+) -> impl Stream<Item = Result<Event<Lease>, watcher::Error>> {
+    events.filter_map(move |ev| ready(ev.map(|e| decoded(&ctx, e, lease_stub)).transpose()))
+}
+
+/// An event with its object decoded, or None when the object cannot be; a deleted
+/// object that cannot be decoded becomes a deletion of a stand-in of the same name.
+fn decoded<K>(
+    ctx: &Arc<Context>,
+    ev: Event<DeserializeGuard<K>>,
+    stub: fn(&Context, &kube::api::ObjectMeta) -> K,
+) -> Option<Event<K>>
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    let one = |g: DeserializeGuard<K>, deleted: bool| match g.0 {
+        Ok(o) => {
+            ctx.valid_again::<K>(o.meta());
+            Some(o)
+        }
+        Err(bad) if deleted => {
+            ctx.valid_again::<K>(&bad.metadata);
+            Some(stub(ctx, &bad.metadata))
+        }
+        Err(bad) => {
+            ctx.invalid::<K>(&bad.metadata, &bad.error);
+            None
+        }
+    };
+    Some(match ev {
+        Event::Apply(g) => Event::Apply(one(g, false)?),
+        Event::InitApply(g) => Event::InitApply(one(g, false)?),
+        Event::Delete(g) => Event::Delete(one(g, true)?),
+        Event::Init => Event::Init,
+        Event::InitDone => Event::InitDone,
+    })
+}
+
+/// A claim deleted while undecodable: its last decodable version names its Lease.
+fn claim_stub(ctx: &Context, meta: &kube::api::ObjectMeta) -> LockClaim {
+    let name = meta.name.clone().unwrap_or_default();
+    let ns = meta.namespace.clone().unwrap_or_default();
+    let lease_name = ctx
+        .claims
+        .get(&ObjectRef::new(&name).within(&ns))
+        .map(|c| c.spec.lease_name.clone())
+        .unwrap_or_default();
+    let mut c = LockClaim::new(&name, LockClaimSpec::for_lease(lease_name));
+    c.metadata = meta.clone();
+    c
+}
+
+fn lease_stub(_: &Context, meta: &kube::api::ObjectMeta) -> Lease {
+    Lease {
+        metadata: meta.clone(),
+        spec: None,
+    }
+}
+
+impl Context {
+    /// An object that cannot be decoded: logged and counted once, a Warning Event on a
+    /// claim, and a claim's status (which the operator owns) repaired.
+    fn invalid<K: Resource<DynamicType = ()>>(
+        self: &Arc<Self>,
+        meta: &kube::api::ObjectMeta,
+        error: &str,
+    ) {
+        let kind = K::kind(&()).to_string();
+        let key = (
+            kind.clone(),
+            meta.namespace.clone().unwrap_or_default(),
+            meta.name.clone().unwrap_or_default(),
+        );
+        let new = self.invalid_objects().insert(key);
+        if !new {
+            return;
+        }
+        self.metrics
+            .invalid_objects
+            .get_or_create(&KindLabel { kind: kind.clone() })
+            .inc();
+        tracing::warn!(kind = %kind, namespace = ?meta.namespace, name = ?meta.name, error, "cannot decode an object; leaving it out of arbitration");
+        if kind == "LockClaim" {
+            let (ctx, meta, error) = (self.clone(), meta.clone(), error.to_string());
+            tokio::spawn(async move { ctx.repair_claim(&meta, &error).await });
+        }
+    }
+
+    /// The object decodes again (or is gone).
+    fn valid_again<K: Resource<DynamicType = ()>>(&self, meta: &kube::api::ObjectMeta) {
+        let kind = K::kind(&()).to_string();
+        let key = (
+            kind.clone(),
+            meta.namespace.clone().unwrap_or_default(),
+            meta.name.clone().unwrap_or_default(),
+        );
+        if self.invalid_objects().remove(&key) {
+            self.metrics
+                .invalid_objects
+                .get_or_create(&KindLabel { kind })
+                .dec();
+        }
+    }
+
+    /// A claim that cannot be decoded gets a Warning Event naming the error; if the
+    /// cause is its status (the operator's to write), the status is cleared so that the
+    /// next reconcile writes it afresh. A spec that cannot be decoded is its owner's to
+    /// fix: the claim stays out of arbitration meanwhile.
+    async fn repair_claim(&self, meta: &kube::api::ObjectMeta, error: &str) {
+        let (Some(ns), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref()) else {
+            return;
+        };
+        let status_only = self.fails_only_in_status(ns, name).await;
+        let message = if status_only {
+            format!("status cannot be decoded ({error}); leasekeeper writes it afresh")
+        } else {
+            format!("spec cannot be decoded ({error}); the claim is left out of arbitration until it is fixed")
+        };
+        let mut reference = LockClaim::new(name, LockClaimSpec::for_lease("")).object_ref(&());
+        reference.namespace = Some(ns.to_string());
+        reference.uid.clone_from(&meta.uid);
+        let note = Note {
+            target: Target::Claim(name.to_string()),
+            warning: true,
+            reason: Reason::InvalidObject,
+            message,
+        };
+        super::execute::publish(self, &note, &reference).await;
+        if status_only && self.term.is_current() {
+            let api: Api<LockClaim> = Api::namespaced(self.client.clone(), ns);
+            let patch = serde_json::json!({
+                "metadata": {"resourceVersion": meta.resource_version},
+                "status": null,
+            });
+            match api
+                .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => tracing::info!(
+                    namespace = ns,
+                    name,
+                    "cleared a status that could not be decoded"
+                ),
+                Err(e) => {
+                    tracing::warn!(namespace = ns, name, error = %e, "cannot clear the status of a claim that cannot be decoded")
+                }
+            }
+        }
+    }
+
+    /// Whether claim `ns/name` decodes once its status is left out.
+    async fn fails_only_in_status(&self, ns: &str, name: &str) -> bool {
+        let gvk = GroupVersionKind::gvk(crate::api::GROUP, crate::api::VERSION, "LockClaim");
+        let ar = ApiResource::from_gvk_with_plural(&gvk, "lockclaims");
+        let raw: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), ns, &ar);
+        let Ok(Some(obj)) = raw.get_opt(name).await else {
+            return false;
+        };
+        let mut v = match serde_json::to_value(&obj) {
+            Ok(v) => v,
+            Err(_) => return false,
+        };
+        if let Some(o) = v.as_object_mut() {
+            o.remove("status");
+        }
+        serde_json::from_value::<LockClaim>(v).is_ok()
+    }
+}
 
 pub(super) fn claim_seen(ctx: &Context, claim: &LockClaim, deleted: bool) {
     let Some(namespace) = claim.namespace() else {

@@ -26,6 +26,7 @@ pub const LOCK_DELAY_BROKEN: &str = "(c) grant inside the lock delay after an ex
 pub const STALE_WRITE: &str = "(d) register accepted a stale token";
 pub const LOST: &str = "(e) claim lost";
 pub const NON_LEADER_WROTE: &str = "(g) a non-leader replica wrote";
+pub const WROTE_AFTER_SUCCESSION: &str = "(g) a write landed after another replica took leadership";
 pub const HEALTHY_EXPIRED: &str = "(h) a healthy holder expired";
 
 /// Violations by check, and totals.
@@ -46,6 +47,7 @@ impl Default for Report {
             STALE_WRITE,
             LOST,
             HEALTHY_EXPIRED,
+            WROTE_AFTER_SUCCESSION,
         ];
         Report {
             violations: checks.into_iter().map(|k| (k, Vec::new())).collect(),
@@ -509,6 +511,72 @@ pub fn register_log(name: &str, data: &BTreeMap<String, String>, r: &mut Report)
         .map(|x| x.lines().count())
         .unwrap_or(0);
     r.count("register writes refused (stale token)", refused);
+}
+
+/// One successful operator write: who made it and the resourceVersion it produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Write {
+    pub identity: String,
+    pub rv: u64,
+}
+
+/// The writes replica logs report for namespace `ns` (lines `CHAOS-WROTE identity=..
+/// ns=.. rv=..`, written by the chaos build).
+pub fn parse_writes(log: &str, ns: &str) -> Vec<Write> {
+    log.lines()
+        .filter_map(|l| {
+            let rest = &l[l.find("CHAOS-WROTE ")? + "CHAOS-WROTE ".len()..];
+            let field = |k: &str| {
+                rest.split_whitespace()
+                    .find_map(|f| f.strip_prefix(k))
+                    .map(|v| v.trim_matches('"').to_string())
+            };
+            (field("ns=")? == ns).then_some(())?;
+            Some(Write {
+                identity: field("identity=")?,
+                rv: field("rv=")?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// (g) in etcd's revision order, which orders every write: each write must land while
+/// the leadership Lease (`leader_lease`) names its writer. A write after the writer
+/// released, or after another replica took over, is a violation; one that falls in a
+/// gap of the recorder's Lease watch is not judged.
+pub fn writes_after_succession(writes: &[Write], obs: &[Obs], leader_lease: &str, r: &mut Report) {
+    let gaps = lease_watch_gaps(obs);
+    let gaps = gaps.get(leader_lease).cloned().unwrap_or_default();
+    let mut timeline: Vec<(u64, Option<&str>)> = obs
+        .iter()
+        .filter(|o| o.kind == Kind::Lease && o.name == leader_lease)
+        .map(|o| (o.rv, if o.deleted { None } else { o.holder.as_deref() }))
+        .collect();
+    timeline.sort_by_key(|(rv, _)| *rv);
+    r.count("operator writes ordered against leadership", writes.len());
+    for w in writes {
+        let Some(i) = timeline
+            .partition_point(|(rv, _)| *rv < w.rv)
+            .checked_sub(1)
+        else {
+            continue;
+        };
+        let (at, leader) = timeline[i];
+        if leader == Some(w.identity.as_str()) {
+            continue;
+        }
+        if gaps.iter().any(|(lo, hi)| *lo < w.rv && w.rv < *hi) {
+            r.count("writes not judged (inside a leadership-Lease watch gap)", 1);
+            continue;
+        }
+        r.flag(
+            WROTE_AFTER_SUCCESSION,
+            format!(
+                "{} wrote rv {} while the leadership Lease (rv {at}) named {leader:?}",
+                w.identity, w.rv
+            ),
+        );
+    }
 }
 
 /// Judges the recorded history, then the cluster as the run leaves it.

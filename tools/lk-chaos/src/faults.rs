@@ -34,10 +34,13 @@ pub enum Fault {
     PauseLeader,
     /// The leader stops taking in Lease watch events for a while (chaos build only).
     StallLeaseWatch,
+    /// SIGTERM of the leader, mid-plan: a graceful stop must end its term and drain
+    /// before it releases leadership (checked by (g): no write after a successor leads).
+    TermLeader,
 }
 
 /// The schedule draws uniformly from this table (pause-holder has two entries).
-pub const SCHEDULE: [Fault; 11] = [
+pub const SCHEDULE: [Fault; 12] = [
     Fault::KillLeader,
     Fault::KillReplica,
     Fault::PauseHolder,
@@ -49,6 +52,7 @@ pub const SCHEDULE: [Fault; 11] = [
     Fault::SkewedHolder,
     Fault::PauseLeader,
     Fault::StallLeaseWatch,
+    Fault::TermLeader,
 ];
 
 impl Fault {
@@ -75,6 +79,12 @@ impl Fault {
             Fault::EditLease => edit_lease(w).await,
             Fault::SkewedHolder => skewed_holder(w).await,
             Fault::PauseLeader => pause_leader(w).await,
+            Fault::TermLeader => {
+                if let Some(pid) = w.leader_pid().await {
+                    signal(pid, Signal::SIGTERM);
+                }
+                "SIGTERM the leader replica"
+            }
             Fault::StallLeaseWatch => {
                 // The leader's Lease watch lags (3 s, past the holders' 2 s TTL) while
                 // its API calls still work: its Lease cache is stale. Only the

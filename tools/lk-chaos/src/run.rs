@@ -272,6 +272,9 @@ pub async fn run(a: RunArgs) -> std::process::ExitCode {
     report
         .violations
         .insert(checker::NON_LEADER_WROTE, non_leader_writes);
+    let writes = replica_writes(&w).await;
+    let obs = history.lock().expect("lock").clone();
+    checker::writes_after_succession(&writes, &obs, "leasekeeper-leader", &mut report);
     recorder.abort();
     supervisor.abort();
     for r in w.replicas.lock().await.iter_mut() {
@@ -312,6 +315,17 @@ async fn inject_faults(w: &mut World, history: &History) -> BTreeMap<&'static st
         *faults.entry(done).or_default() += 1;
     }
     faults
+}
+
+/// Every write the replicas logged for this run's namespace.
+async fn replica_writes(w: &World) -> Vec<checker::Write> {
+    let mut out = Vec::new();
+    for r in w.replicas.lock().await.iter() {
+        let log =
+            std::fs::read_to_string(format!("target/chaos-{}.log", r.identity)).unwrap_or_default();
+        out.extend(checker::parse_writes(&log, &w.ns));
+    }
+    out
 }
 
 /// (g): a replica that is not the leader must have written nothing.

@@ -11,7 +11,8 @@ use kube::{Api, Client};
 use leasekeeper::api::{LockClaim, Phase};
 use tokio::time::Instant;
 
-type Seen = Arc<Mutex<Vec<(Instant, LockClaim)>>>;
+/// (when seen, the state, whether it was a deletion).
+type Seen = Arc<Mutex<Vec<(Instant, LockClaim, bool)>>>;
 
 /// Records every LockClaim state a watcher sees in a namespace, in order.
 pub struct History {
@@ -35,7 +36,10 @@ impl History {
                 while let Some(ev) = stream.next().await {
                     match ev {
                         Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                            seen.lock().expect("lock").push((Instant::now(), o));
+                            seen.lock().expect("lock").push((Instant::now(), o, false));
+                        }
+                        Ok(watcher::Event::Delete(o)) => {
+                            seen.lock().expect("lock").push((Instant::now(), o, true));
                         }
                         Ok(watcher::Event::InitDone) => {
                             if let Some(tx) = ready_tx.take() {
@@ -51,18 +55,29 @@ impl History {
         History { task, seen }
     }
 
-    /// Every state seen so far, in order.
+    /// Every state seen so far, in order (deletions left out).
     pub fn states(&self) -> Vec<(Instant, LockClaim)> {
-        self.seen.lock().expect("lock").clone()
+        self.seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(_, _, deleted)| !deleted)
+            .map(|(t, c, _)| (*t, c.clone()))
+            .collect()
     }
 
     /// Replays the stream: after every observed change, at most one claim per Lease is
     /// Granted. Returns how many states were checked.
     pub fn assert_never_two_granted(&self) -> usize {
         let mut latest: BTreeMap<String, LockClaim> = BTreeMap::new();
-        let states = self.states();
-        for (_, c) in &states {
-            latest.insert(c.metadata.name.clone().unwrap_or_default(), c.clone());
+        let states = self.seen.lock().expect("lock").clone();
+        for (_, c, deleted) in &states {
+            let name = c.metadata.name.clone().unwrap_or_default();
+            if *deleted {
+                latest.remove(&name);
+                continue;
+            }
+            latest.insert(name, c.clone());
             let mut per_lease: BTreeMap<&str, Vec<String>> = BTreeMap::new();
             for c in latest
                 .values()

@@ -5,16 +5,21 @@
 //! - [`objects`]: namespaces, claims, Leases, Events and waiting for them.
 //! - [`operator`]: the operator in-process or as a process, and its metrics.
 //! - [`history`]: every LockClaim state a watcher sees, and the one-Granted check.
+//! - [`tenant`]: acting as a user with only LockClaim rights (impersonation).
+//! - [`etcd`]: writing objects into etcd directly (states no API request can make).
 
+pub mod etcd;
 pub mod history;
 pub mod objects;
 pub mod operator;
 pub mod plane;
+pub mod tenant;
 
 pub use history::History;
 pub use objects::*;
 pub use operator::*;
 pub use plane::*;
+pub use tenant::*;
 
 /// The path of a binary of the calling package's integration tests:
 /// `testkit::bin!("leasekeeper")` is `env!("CARGO_BIN_EXE_leasekeeper")` there.

@@ -40,6 +40,18 @@ impl Operator {
         Operator::start_in_term(client, ns, gc_grace, Term::unbounded()).await
     }
 
+    /// An operator watching every namespace (only for a test binary of its own: it
+    /// reconciles whatever other tests leave behind).
+    pub async fn start_cluster_wide(client: &Client) -> Operator {
+        let cfg = run_config(&[
+            "--identity",
+            "e2e-cluster-wide",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ]);
+        Operator::spawn(client, cfg, Term::unbounded()).await
+    }
+
     /// Like [`Operator::start`], writing only while `term` is current.
     pub async fn start_in_term(
         client: &Client,
@@ -59,6 +71,10 @@ impl Operator {
             "--metrics-addr",
             "127.0.0.1:0",
         ]);
+        Operator::spawn(client, cfg, term).await
+    }
+
+    async fn spawn(client: &Client, cfg: RunConfig, term: Term) -> Operator {
         let metrics = Arc::new(Metrics::new());
         let ready = Arc::new(Readiness::default());
         let task = tokio::spawn({

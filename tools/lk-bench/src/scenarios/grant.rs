@@ -49,7 +49,7 @@ pub async fn run(b: &Bench, r: &mut Report) {
     r.add(String::new());
     let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
     r.add(format!(
-        "Grant p50 = {:.1}x one Lease create, p99 = {:.1}x (a grant is at least: claim create, finalizer, Lease create, status write, watch delivery).",
+        "Grant p50 = {:.1}x one Lease create, p99 = {:.1}x (a grant is at least: claim create, watch delivery, Lease create, status write, watch delivery).",
         ratio(g.p50, c.p50),
         ratio(g.p99, c.p99)
     ));

@@ -237,3 +237,64 @@ fn a_lease_that_does_not_name_its_granted_claim_disagrees() {
     assert!(agree(&[], Some("intruder")));
     assert!(!agree(&[], Some("a")));
 }
+
+#[test]
+fn replica_write_logs_are_read_for_the_runs_namespace_only() {
+    let log = "2026-11-29T10:00:00Z WARN leasekeeper::controller::chaos: CHAOS-WROTE identity=op-1 ns=chaos-1 rv=120\n\
+               2026-11-29T10:00:01Z WARN x: CHAOS-WROTE identity=op-1 ns=chaos-2 rv=130\n\
+               2026-11-29T10:00:02Z INFO x: granted\n";
+    assert_eq!(
+        parse_writes(log, "chaos-1"),
+        [Write {
+            identity: "op-1".into(),
+            rv: 120
+        }]
+    );
+}
+
+fn leader(rv: u64, holder: Option<&str>) -> Obs {
+    Obs {
+        name: "leasekeeper-leader".into(),
+        lease: "leasekeeper-leader".into(),
+        rv,
+        holder: holder.map(str::to_string),
+        ..Obs::empty(Kind::Lease)
+    }
+}
+
+#[test]
+fn a_write_that_lands_after_a_successor_took_leadership_is_reported() {
+    let history = [
+        leader(10, Some("op-0")),
+        leader(20, None),
+        leader(22, Some("op-1")),
+    ];
+    let w = |id: &str, rv| Write {
+        identity: id.into(),
+        rv,
+    };
+    let mut r = Report::default();
+    writes_after_succession(
+        &[w("op-0", 15), w("op-1", 25)],
+        &history,
+        "leasekeeper-leader",
+        &mut r,
+    );
+    assert!(
+        r.of(WROTE_AFTER_SUCCESSION).is_empty(),
+        "{:?}",
+        r.violations
+    );
+    let mut r = Report::default();
+    writes_after_succession(
+        &[w("op-0", 21), w("op-0", 23)],
+        &history,
+        "leasekeeper-leader",
+        &mut r,
+    );
+    assert_eq!(
+        r.of(WROTE_AFTER_SUCCESSION).len(),
+        2,
+        "after its release, and after op-1 led"
+    );
+}
