@@ -10,7 +10,7 @@ CARGO ?= cargo
 PROPTEST_CASES ?= 10000
 SOAK_CASES ?= 1000000
 
-.PHONY: all build release crd run test unit lint soak chart-test bench bench-smoke chaos chaos-smoke chaos-controls chaos-build plane-build plane-up plane-down
+.PHONY: all build release crd run test unit lint soak chart-test bench bench-smoke chaos chaos-smoke chaos-controls chaos-build plane-build plane-up plane-down image e2e-cluster node-up node-down dockerfile-replay
 
 all: build
 
@@ -46,6 +46,33 @@ test: plane-up
 	  rc=$${PIPESTATUS[0]}; \
 	  [ -n "$(KEEP_PLANE)" ] || $(PLANE) down $(E2E_PLANE); \
 	  exit $$rc
+
+## The image from the Dockerfile: `docker build` where a Docker engine answers; here
+## (no registry) buildah with local stand-ins for the base images (hack/image.sh).
+IMAGE_TAG ?= dev
+image:
+	@if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then \
+	  docker build -t leasekeeper:$(IMAGE_TAG) . ; \
+	else \
+	  hack/image.sh build $(IMAGE_TAG); \
+	fi
+
+## The Dockerfile's build stage replayed without a container engine (hack/dockerfile-replay.sh).
+dockerfile-replay:
+	hack/dockerfile-replay.sh
+
+## A real one-node cluster (kubelet, containerd, kube-proxy) in target/node; root only.
+NODE_DIR := target/node
+node-up: plane-build
+	hack/node.sh up $(NODE_DIR)
+
+node-down:
+	hack/node.sh down $(NODE_DIR)
+
+## The install path on the real node: image built and imported, helm install, failover,
+## partition, upgrade under load, uninstall (tests/cluster.rs). Stops the node after.
+e2e-cluster: plane-build
+	hack/e2e-cluster.sh $(NODE_DIR)
 
 ## The Helm chart: lint, render, bad values, install, RBAC proven by running as its ServiceAccount.
 ## (Also part of `make test`.)

@@ -12,6 +12,10 @@
 # DIR defaults to $LK_PLANE_DIR or ./.plane. Several DIRs may run side by side: every
 # instance picks its own free ports and keeps its own pids, certificates and data.
 # LK_ETCD_EXTRA_ARGS and LK_APISERVER_EXTRA_ARGS add flags to the daemons at `up`.
+# LK_APISERVER_ADDRESS (default 127.0.0.1) is where kube-apiserver binds and what it
+# advertises; hack/node.sh sets the node bridge's address, so that Pods reach it through
+# the `kubernetes` Service (10.0.0.1), and LK_NODE_MODE=1 keeps the ServiceAccount
+# admission plugin on (Pods get tokens) and writes an audit log of every write.
 set -euo pipefail
 
 KVER=${KVER:-v1.35.4}
@@ -27,9 +31,11 @@ die() { log "error: $*"; exit 1; }
 build_k8s() {
   local out=$CACHE/src/k8s-$KVER sver=v0.${KVER#v1.} minor
   minor=$(echo "$KVER" | cut -d. -f2)
-  if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kubectl" ] && [ -x "$BIN/kube-controller-manager" ]; then
-    return 0
-  fi
+  local b missing=
+  for b in kube-apiserver kubectl kube-controller-manager kubelet kube-scheduler kube-proxy; do
+    [ -x "$BIN/$b" ] || missing=1
+  done
+  [ -z "$missing" ] && return 0
   mkdir -p "$out" "$BIN"
   local gomod
   gomod=$(cd "$out" && GOFLAGS="" go mod download -json "k8s.io/kubernetes@$KVER" |
@@ -49,11 +55,13 @@ build_k8s() {
     ld="$ld -X $p.gitVersion=$KVER -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
   done
   # kube-controller-manager is not part of `up`: tests that need its garbage collector
-  # start it themselves (tests/pod_gc.rs).
-  log "building kube-apiserver, kubectl and kube-controller-manager $KVER (cold: ~15-25 min on 2 cores)"
+  # start it themselves (tests/pod_gc.rs). kubelet, kube-scheduler and kube-proxy are
+  # for hack/node.sh (the real node); with the build cache warm they add under a minute.
+  log "building kube-apiserver, kubectl, kube-controller-manager, kubelet, kube-scheduler, kube-proxy $KVER (cold: ~15-25 min on 2 cores)"
   (cd "$out" && GOFLAGS=-mod=mod go build -trimpath -ldflags "$ld" -o "$BIN/" \
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl \
-    k8s.io/kubernetes/cmd/kube-controller-manager)
+    k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubelet \
+    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kube-proxy)
   "$BIN/kube-apiserver" --version
 }
 
@@ -91,7 +99,7 @@ wait_ready() {
   local w=$1
   for _ in $(seq 240); do
     if curl -fsS --cacert "$w/pki/ca.crt" --cert "$w/pki/admin.crt" --key "$w/pki/admin.key" \
-      "https://127.0.0.1:$(cat "$w/apiserver.port")/readyz" >/dev/null 2>&1; then
+      "https://$(cat "$w/apiserver.address" 2>/dev/null || echo 127.0.0.1):$(cat "$w/apiserver.port")/readyz" >/dev/null 2>&1; then
       return 0
     fi
     alive "$w/apiserver.pid" || return 1
@@ -128,7 +136,8 @@ up() {
   o() { openssl "$@" >/dev/null 2>&1 || die "openssl $1 failed"; }
   o req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=leasekeeper-test-ca -keyout "$p/ca.key" -out "$p/ca.crt"
   o req -newkey rsa:2048 -nodes -subj /CN=kube-apiserver -keyout "$p/srv.key" -out "$p/srv.csr"
-  printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$p/srv.ext"
+  local addr=${LK_APISERVER_ADDRESS:-127.0.0.1}
+  printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,IP:%s,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n' "$addr" >"$p/srv.ext"
   o x509 -req -in "$p/srv.csr" -CA "$p/ca.crt" -CAkey "$p/ca.key" -CAcreateserial -days 30 -extfile "$p/srv.ext" -out "$p/srv.crt"
   o req -newkey rsa:2048 -nodes -subj "/O=system:masters/CN=leasekeeper-admin" -keyout "$p/admin.key" -out "$p/admin.csr"
   printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' >"$p/cli.ext"
@@ -137,6 +146,15 @@ up() {
   o rsa -in "$p/sa.key" -pubout -out "$p/sa.pub"
   local nofsync=
   "$BIN/etcd" --help 2>&1 | grep -q unsafe-no-fsync && nofsync=--unsafe-no-fsync=true
+  # A bare plane has no controller creating ServiceAccounts: admission must not require
+  # them. A node plane (hack/node.sh) runs kube-controller-manager, gives Pods tokens,
+  # advertises the bridge address and logs every write (who, from where, when).
+  local node_args=--disable-admission-plugins=ServiceAccount
+  if [ -n "${LK_NODE_MODE:-}" ]; then
+    printf '%s\n' 'apiVersion: audit.k8s.io/v1' 'kind: Policy' 'omitStages: [RequestReceived]' 'rules:' \
+      '- level: Metadata' '  verbs: [create, update, patch, delete, deletecollection]' '- level: None' >"$w/audit-policy.yaml"
+    node_args="--advertise-address=$addr --kubelet-preferred-address-types=InternalIP --kubelet-client-certificate=$p/admin.crt --kubelet-client-key=$p/admin.key --audit-policy-file=$w/audit-policy.yaml --audit-log-path=$w/audit.log --audit-log-maxsize=200"
+  fi
   # Each daemon's command line is kept in a start script, so `restart` brings it back
   # with the same ports, certificates and data.
   cat >"$w/start-etcd.sh" <<EOS
@@ -150,26 +168,27 @@ EOS
   echo "$ep" >"$w/etcd.port"
   cat >"$w/start-apiserver.sh" <<EOS
 #!/usr/bin/env bash
-exec "$BIN/kube-apiserver" --etcd-servers="http://127.0.0.1:$ep" --bind-address=127.0.0.1 --secure-port="$ap" \\
+exec "$BIN/kube-apiserver" --etcd-servers="http://127.0.0.1:$ep" --bind-address="$addr" --secure-port="$ap" \\
   --cert-dir="$p" --tls-cert-file="$p/srv.crt" --tls-private-key-file="$p/srv.key" --client-ca-file="$p/ca.crt" \\
   --authorization-mode=RBAC --service-account-issuer="https://127.0.0.1:$ap/" \\
   --service-account-key-file="$p/sa.pub" --service-account-signing-key-file="$p/sa.key" \\
   --service-cluster-ip-range=10.0.0.0/24 --allow-privileged=true \\
-  --disable-admission-plugins=ServiceAccount ${LK_APISERVER_EXTRA_ARGS:-}
+  $node_args ${LK_APISERVER_EXTRA_ARGS:-}
 EOS
   start_daemon "$w" apiserver
   echo "$ap" >"$w/apiserver.port"
+  echo "$addr" >"$w/apiserver.address"
   b64() { base64 -w0 "$1"; }
   cat >"$w/kubeconfig" <<EOC
 apiVersion: v1
 kind: Config
-clusters: [{name: leasekeeper-test, cluster: {server: "https://127.0.0.1:$ap", certificate-authority-data: $(b64 "$p/ca.crt")}}]
+clusters: [{name: leasekeeper-test, cluster: {server: "https://$addr:$ap", certificate-authority-data: $(b64 "$p/ca.crt")}}]
 users: [{name: leasekeeper-admin, user: {client-certificate-data: $(b64 "$p/admin.crt"), client-key-data: $(b64 "$p/admin.key")}}]
 contexts: [{name: leasekeeper-test, context: {cluster: leasekeeper-test, user: leasekeeper-admin, namespace: default}}]
 current-context: leasekeeper-test
 EOC
   if wait_ready "$w"; then
-    log "ready: https://127.0.0.1:$ap (etcd 127.0.0.1:$ep), dir $w"
+    log "ready: https://$addr:$ap (etcd 127.0.0.1:$ep), dir $w"
     return 0
   fi
   log "kube-apiserver did not become ready; last lines of $w/apiserver.log:"

@@ -284,10 +284,9 @@ async fn poison_02_a_leader_whose_caches_cannot_sync_is_not_ready_and_steps_down
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(client.clone(), &ns);
     let t0 = tokio::time::Instant::now();
-    while support::current_leader(&leases, "leasekeeper-leader")
+    while !support::current_leader(&leases, "leasekeeper-leader")
         .await
-        .as_deref()
-        != Some("lonely")
+        .is_some_and(|h| support::is_replica(&h, "lonely"))
     {
         assert!(t0.elapsed() < T, "never led");
         tokio::time::sleep(Duration::from_millis(100)).await;

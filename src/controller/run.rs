@@ -25,8 +25,13 @@ use crate::leader::Term;
 use crate::telemetry::{self, Metrics, Readiness, ReasonLabel};
 
 /// Runs the operator until it fails or receives SIGINT/SIGTERM.
-pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
+pub async fn run(mut cfg: RunConfig) -> Result<(), RunError> {
     chaos::arm();
+    if cfg.leader_elect {
+        // One identity per process, as client-go does (name_random): a container that
+        // restarts under the same Pod name is a new candidate, not the old leader back.
+        cfg.identity = Some(format!("{}_{}", cfg.identity(), unique_suffix()));
+    }
     let election = election_config(&cfg);
     if cfg.leader_elect {
         election.check_timings()?;
@@ -58,6 +63,21 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         _ = shutdown_signal() => return Ok(()),
     };
     lead(client, cfg, metrics, readiness, leadership).await
+}
+
+/// Eight hex digits that differ between processes (the standard library's randomly
+/// seeded hasher, over the pid and the time).
+fn unique_suffix() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    format!("{:08x}", h.finish() as u32)
 }
 
 fn election_config(cfg: &RunConfig) -> crate::leader::ElectionConfig {

@@ -2,8 +2,8 @@
 //!
 //! `lk-chaos run` starts operator replicas (leader election) and holder processes on a
 //! real control plane, injects faults on a seeded schedule ([`faults`]), records every
-//! LockClaim and Lease state it observes ([`recorder`]), and checks the history and the
-//! fenced registers ([`checker`]): (a) two Granted claims for one Lease at any observed
+//! LockClaim and Lease state it observes (`testkit::recorder`), and checks the history
+//! and the fenced registers (`testkit::checker`, [`check`]): (a) two Granted claims for one Lease at any observed
 //! moment; (b) a Lease naming someone other than its Granted claim once settled; (c) a
 //! grant whose fencing token is not above every earlier one for that Lease; (d) a
 //! register write accepted with a stale token; (e) a claim lost; (f) totals; (g) a
@@ -13,10 +13,9 @@
 //! `lk-chaos holder` is one holder process ([`holder`]): acquire, write the fenced
 //! register ([`register`]), hold, release, repeat.
 
-mod checker;
+mod check;
 mod faults;
 mod holder;
-mod recorder;
 mod register;
 mod run;
 

@@ -8,9 +8,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{ObjectMeta, PostParams};
 use kube::Api;
 
-pub const MAX_KEY: &str = "maxToken";
-pub const LOG_KEY: &str = "log";
-pub const REFUSED_KEY: &str = "refused";
+pub use testkit::checker::{LOG_KEY, MAX_KEY, REFUSED_KEY};
 
 #[derive(Debug, PartialEq)]
 pub enum Write {

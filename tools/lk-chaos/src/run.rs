@@ -14,9 +14,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
-use crate::checker::{self, Report};
+use crate::check;
 use crate::faults::{Fault, SCHEDULE};
-use crate::recorder::{self, History};
+use testkit::checker::{self, Report};
+use testkit::recorder::{self, History};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
@@ -88,12 +89,12 @@ impl World {
 
     /// The pid of the leader replica.
     pub async fn leader_pid(&self) -> Option<u32> {
-        let leader = self.leader().await;
+        let leader = self.leader().await?;
         self.replicas
             .lock()
             .await
             .iter()
-            .find(|r| Some(&r.identity) == leader.as_ref())
+            .find(|r| testkit::is_replica(&leader, &r.identity))
             .and_then(|r| r.child.id())
     }
 
@@ -268,7 +269,7 @@ pub async fn run(a: RunArgs) -> std::process::ExitCode {
         let _ = h.child.start_kill();
     }
     tokio::time::sleep(Duration::from_secs(8)).await;
-    let mut report = checker::check(&client, &w.ns, &history, w.args.leases).await;
+    let mut report = check::check(&client, &w.ns, &history, w.args.leases).await;
     report
         .violations
         .insert(checker::NON_LEADER_WROTE, non_leader_writes);

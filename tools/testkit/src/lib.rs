@@ -7,12 +7,16 @@
 //! - [`history`]: every LockClaim state a watcher sees, and the one-Granted check.
 //! - [`tenant`]: acting as a user with only LockClaim rights (impersonation).
 //! - [`etcd`]: writing objects into etcd directly (states no API request can make).
+//! - [`recorder`], [`checker`]: every LockClaim and Lease state a run observes, and the
+//!   mutual-exclusion checks on them (the chaos run's, reused on the real node).
 
+pub mod checker;
 pub mod etcd;
 pub mod history;
 pub mod objects;
 pub mod operator;
 pub mod plane;
+pub mod recorder;
 pub mod tenant;
 
 pub use history::History;

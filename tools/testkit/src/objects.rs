@@ -144,6 +144,14 @@ pub async fn current_leader(leases: &Api<Lease>, name: &str) -> Option<String> {
     lease.spec?.holder_identity.filter(|h| !h.is_empty())
 }
 
+/// Whether leadership holder `holder` is replica `identity` (the operator elects under
+/// `{identity}_{random}`, one per process).
+pub fn is_replica(holder: &str, identity: &str) -> bool {
+    holder
+        .strip_prefix(identity)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('_'))
+}
+
 /// Renews a Lease as a holder would (spec.renewTime, with the resourceVersion
 /// precondition), every `every`, writing renewTime shifted by `skew`, until dropped.
 pub struct Renewer {

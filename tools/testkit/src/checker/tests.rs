@@ -48,7 +48,7 @@ fn lease(rv: u64, holder: Option<&str>, renew_ms: i64, seen_ms: i64) -> Obs {
 fn replayed(obs: &[Obs]) -> Report {
     let mut r = Report::default();
     replay_claims(obs, &mut r);
-    replay_merged(obs, &mut r);
+    replay_merged(obs, std::time::Duration::from_secs(1), &mut r);
     r
 }
 
@@ -189,7 +189,7 @@ fn a_stale_token_accepted_by_a_register_is_reported() {
 }
 
 fn live(name: &str, rv: &str, phase: Option<Phase>, position: Option<i32>) -> LockClaim {
-    let mut c = LockClaim::new(name, testkit::spec("lock-0"));
+    let mut c = LockClaim::new(name, crate::spec("lock-0"));
     c.metadata.resource_version = Some(rv.into());
     c.status = Some(LockClaimStatus {
         phase,

@@ -1,22 +1,27 @@
-//! The checker: judges a recorded history and the state the run leaves behind.
+//! The mutual-exclusion checker of the chaos run (and of the real-node upgrade test):
+//! it judges a recorded history ([`crate::recorder`]) and the state a run leaves behind.
 //!
-//! The history checks ([`replay_claims`], [`replay_merged`]) and the checks of a
-//! settled state ([`unsettled_claims`], [`disagreeing_leases`], [`register_log`]) are
-//! pure functions of what was observed, unit-tested below with hand-made histories;
-//! [`check`] reads the cluster and feeds them.
+//! The history checks ([`replay_claims`], [`replay_merged`],
+//! [`writes_after_succession`]) and the checks of a settled state
+//! ([`unsettled_claims`], [`disagreeing_leases`], [`register_log`]) are pure functions
+//! of what was observed, unit-tested with hand-made histories.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::ConfigMap;
-use kube::{Api, Client, ResourceExt};
+use kube::ResourceExt;
 use leasekeeper::api::{LockClaim, Phase};
-use tokio::time::Instant;
 
-use crate::holder::LOCK_DELAY;
-use crate::recorder::{History, Kind, Obs};
-use crate::register::{LOG_KEY, REFUSED_KEY};
+use crate::recorder::{Kind, Obs};
+
+/// The data keys of a fenced register (a ConfigMap per Lease): the highest token
+/// accepted, the accepted writes and the refused ones.
+pub const MAX_KEY: &str = "maxToken";
+/// See [`MAX_KEY`].
+pub const LOG_KEY: &str = "log";
+/// See [`MAX_KEY`].
+pub const REFUSED_KEY: &str = "refused";
 
 pub const TWO_GRANTED: &str = "(a) two Granted at once";
 pub const NOT_NAMED: &str = "(a) a Granted claim its Lease does not name";
@@ -57,18 +62,24 @@ impl Default for Report {
 }
 
 impl Report {
-    fn flag(&mut self, check: &'static str, msg: String) {
+    /// Records a violation of `check`.
+    pub fn flag(&mut self, check: &'static str, msg: String) {
         self.violations.entry(check).or_default().push(msg);
     }
 
-    fn count(&mut self, total: &'static str, n: usize) {
+    /// Adds `n` to a total.
+    pub fn count(&mut self, total: &'static str, n: usize) {
         *self.totals.entry(total).or_default() += n;
     }
 
     /// Violations of one check.
-    #[cfg(test)]
     pub fn of(&self, check: &str) -> &[String] {
         self.violations.get(check).map_or(&[], Vec::as_slice)
+    }
+
+    /// All violations.
+    pub fn violation_count(&self) -> usize {
+        self.violations.values().map(Vec::len).sum()
     }
 }
 
@@ -285,8 +296,9 @@ impl Renewals {
 /// Claims and Leases together, in resourceVersion order (one etcd revision counter):
 /// (a) a Granted claim must be named by its Lease, unless a third party just wrote it
 /// or the Lease watch has a gap there; (c) no grant inside the lock delay after an
-/// expiry; (h) no healthy holder expired.
-pub fn replay_merged(obs: &[Obs], r: &mut Report) {
+/// expiry (`lock_delay`: what every claim of the run asks for); (h) no healthy holder
+/// expired.
+pub fn replay_merged(obs: &[Obs], lock_delay: Duration, r: &mut Report) {
     let gaps = lease_watch_gaps(obs);
     let relists = obs.iter().filter(|o| o.kind == Kind::LeasesInit).count();
     r.count("Lease watch re-lists", relists.saturating_sub(1));
@@ -303,7 +315,10 @@ pub fn replay_merged(obs: &[Obs], r: &mut Report) {
         .filter(|o| matches!(o.kind, Kind::Claim | Kind::Lease))
         .collect();
     merged.sort_by_key(|o| o.rv);
-    let mut m = Merged::default();
+    let mut m = Merged {
+        lock_delay,
+        ..Merged::default()
+    };
     for o in merged {
         match o.kind {
             Kind::Lease => m.lease(o),
@@ -324,6 +339,7 @@ struct Merged<'a> {
     /// decided; one-second precision, so never later than the decision).
     last_expiry: HashMap<&'a str, jiff::Timestamp>,
     renewals: HashMap<&'a str, Renewals>,
+    lock_delay: Duration,
 }
 
 impl<'a> Merged<'a> {
@@ -376,13 +392,13 @@ impl<'a> Merged<'a> {
         let Some(t) = self.last_expiry.get(o.lease.as_str()) else {
             return;
         };
-        let delay = jiff::SignedDuration::try_from(LOCK_DELAY).unwrap_or_default();
+        let delay = jiff::SignedDuration::try_from(self.lock_delay).unwrap_or_default();
         if o.wall < *t + delay {
             r.flag(
                 LOCK_DELAY_BROKEN,
                 format!(
-                    "{} on {} granted (seen {}) within {LOCK_DELAY:?} of an expiry at {t}",
-                    o.name, o.lease, o.wall
+                    "{} on {} granted (seen {}) within {:?} of an expiry at {t}",
+                    o.name, o.lease, o.wall, self.lock_delay
                 ),
             );
         }
@@ -576,123 +592,6 @@ pub fn writes_after_succession(writes: &[Write], obs: &[Obs], leader_lease: &str
                 w.identity, w.rv
             ),
         );
-    }
-}
-
-/// Judges the recorded history, then the cluster as the run leaves it.
-pub async fn check(client: &Client, ns: &str, history: &History, leases: usize) -> Report {
-    let obs = history.lock().expect("lock").clone();
-    let mut r = Report::default();
-    replay_claims(&obs, &mut r);
-    r.count("states observed", obs.len());
-    replay_merged(&obs, &mut r);
-    let cluster = Cluster::new(client, ns, leases);
-    cluster.settled(&mut r).await;
-    cluster.everyone_leaves(&mut r).await;
-    cluster.registers(&mut r).await;
-    r
-}
-
-/// The run's namespace, as the checker reads it.
-struct Cluster {
-    claims: Api<LockClaim>,
-    leases: Api<Lease>,
-    regs: Api<ConfigMap>,
-    lease_names: Vec<String>,
-}
-
-impl Cluster {
-    fn new(client: &Client, ns: &str, leases: usize) -> Cluster {
-        Cluster {
-            claims: Api::namespaced(client.clone(), ns),
-            leases: Api::namespaced(client.clone(), ns),
-            regs: Api::namespaced(client.clone(), ns),
-            lease_names: (0..leases).map(|l| format!("lock-{l}")).collect(),
-        }
-    }
-
-    async fn list_claims(&self) -> Vec<LockClaim> {
-        self.claims
-            .list(&Default::default())
-            .await
-            .map(|l| l.items)
-            .unwrap_or_default()
-    }
-
-    async fn snapshot(&self) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
-        let claims = self.list_claims().await;
-        let mut leases = Vec::new();
-        for name in &self.lease_names {
-            leases.push((name.clone(), self.leases.get_opt(name).await.ok().flatten()));
-        }
-        (
-            unsettled_claims(&claims),
-            disagreeing_leases(&claims, &leases),
-        )
-    }
-
-    /// (e) every live claim is Granted or Pending with a position, and (b) each Lease
-    /// names its Granted claim or nobody. Only what holds still is judged: a state seen
-    /// twice, 1.5 s apart, unchanged (same resourceVersions); a step in flight is not.
-    async fn settled(&self, r: &mut Report) {
-        let (c1, l1) = self.snapshot().await;
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let (c2, l2) = self.snapshot().await;
-        for (k, msg) in c2 {
-            if c1.contains_key(&k) {
-                r.flag(LOST, msg);
-            }
-        }
-        for (k, msg) in l2 {
-            if l1.contains_key(&k) {
-                r.flag(DISAGREES, msg);
-            }
-        }
-    }
-
-    /// Then everyone leaves: every claim deleted, and every Lease must come to name
-    /// nobody (or be collected).
-    async fn everyone_leaves(&self, r: &mut Report) {
-        for c in self.list_claims().await {
-            let _ = self.claims.delete(&c.name_any(), &Default::default()).await;
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline && !self.list_claims().await.is_empty() {
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        for name in &self.lease_names {
-            let holder = self
-                .leases
-                .get_opt(name)
-                .await
-                .ok()
-                .flatten()
-                .and_then(|l| l.spec?.holder_identity)
-                .filter(|h| !h.is_empty() && h != "intruder");
-            if let Some(h) = holder {
-                r.flag(
-                    DISAGREES,
-                    format!("{name} still names {h} after every claim was deleted"),
-                );
-            }
-        }
-        if !self.list_claims().await.is_empty() {
-            r.flag(
-                LOST,
-                "claims still exist 30 s after they were deleted".into(),
-            );
-        }
-    }
-
-    /// (d) registers: tokens in each accepted log never go down.
-    async fn registers(&self, r: &mut Report) {
-        for lease in &self.lease_names {
-            let name = format!("reg-{lease}");
-            if let Ok(Some(cm)) = self.regs.get_opt(&name).await {
-                register_log(&name, &cm.data.unwrap_or_default(), r);
-            }
-        }
     }
 }
 
