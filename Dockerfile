@@ -13,9 +13,9 @@ COPY Cargo.toml Cargo.lock ./
 COPY tools/testkit/Cargo.toml tools/testkit/
 COPY tools/lk-bench/Cargo.toml tools/lk-bench/
 COPY tools/lk-chaos/Cargo.toml tools/lk-chaos/
-RUN mkdir -p src/bin tools/testkit/src tools/lk-bench/src tools/lk-chaos/src \
+RUN mkdir -p src/bin/kubectl-lock tools/testkit/src tools/lk-bench/src tools/lk-chaos/src \
  && echo 'fn main() {}' > src/main.rs \
- && echo 'fn main() {}' > src/bin/kubectl-lock.rs \
+ && echo 'fn main() {}' > src/bin/kubectl-lock/main.rs \
  && echo '' > src/lib.rs \
  && echo '' > tools/testkit/src/lib.rs \
  && echo 'fn main() {}' > tools/lk-bench/src/main.rs \
@@ -24,7 +24,7 @@ RUN mkdir -p src/bin tools/testkit/src tools/lk-bench/src tools/lk-chaos/src \
  && rm -rf src
 COPY src ./src
 # Touch so cargo sees the real sources as newer than the placeholder build.
-RUN touch src/main.rs src/lib.rs src/bin/kubectl-lock.rs \
+RUN touch src/main.rs src/lib.rs src/bin/kubectl-lock/main.rs \
  && cargo build --release --locked -p leasekeeper --bins \
  && mkdir -p out \
  && cp target/release/leasekeeper target/release/kubectl-lock out/

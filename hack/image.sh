@@ -131,7 +131,7 @@ tools() {
   # The operator image (with kubectl-lock) plus a shell and a few tools.
   c=$(buildah from --pull=never "localhost/leasekeeper:$tag")
   buildah copy --chown 0:0 "$c" /bin/busybox /bin/busybox >/dev/null
-  for a in sh sleep cat wget nc kill ls date httpd; do
+  for a in sh sleep cat wget nc kill ls date httpd hostname; do
     buildah run --isolation chroot --user 0:0 "$c" -- /bin/busybox ln -s /bin/busybox "/bin/$a" >/dev/null
   done
   buildah config --entrypoint '[]' --cmd '["sh"]' --env PATH=/usr/local/bin:/bin "$c"

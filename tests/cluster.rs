@@ -248,6 +248,7 @@ async fn cluster_install_run_fail_over_upgrade_and_uninstall() {
     let mut summary = vec!["# e2e-cluster (real node)".to_string(), String::new()];
     install(&client, &mut summary).await;
     examples_and_job(&client).await;
+    active_passive(&client, &mut summary).await;
     rbac_and_foreign_lease(&client).await;
     support::create_namespace(&client, "churn", &[]).await;
     let history: recorder::History = Arc::default();
@@ -397,6 +398,89 @@ async fn examples_and_job(client: &Client) {
         "--wait=false",
     ]);
     wait_phase(&jobs, "after-job", Phase::Granted, Duration::from_secs(120)).await;
+}
+
+/// examples/active-passive.yaml (the sidecar): exactly one ready endpoint behind the
+/// Service; deleting that Pod makes the other replica the endpoint.
+async fn active_passive(client: &Client, summary: &mut Vec<String>) {
+    support::create_namespace(client, "web", &[]).await;
+    let manifest = std::fs::read_to_string(support::root().join("examples/active-passive.yaml"))
+        .expect("example")
+        .replace(
+            "ghcr.io/leasekeeper/leasekeeper:0.1.0",
+            "localhost/leasekeeper:dev",
+        )
+        .replace("busybox:1.36", "localhost/lk-tools:dev");
+    kubectl_stdin(&["apply", "-n", "web", "-f", "-"], &manifest);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "web");
+    let ready_pods = || async {
+        pods.list(&kube::api::ListParams::default().labels("app=web"))
+            .await
+            .expect("pods")
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect::<Vec<Pod>>()
+    };
+    // Both replicas running, exactly one Ready: the holder.
+    let t0 = Instant::now();
+    let holder = loop {
+        let all = ready_pods().await;
+        let running = all
+            .iter()
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .count();
+        let ready: Vec<&Pod> = all.iter().filter(|p| ready(p)).collect();
+        if running == 2 && ready.len() == 1 && ready_endpoints(client).await.len() == 1 {
+            break pod_name(ready[0]);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "not active/passive: {} running, {} ready",
+            running,
+            ready.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        ready_endpoints(client).await.len(),
+        1,
+        "still exactly one endpoint"
+    );
+    let t0 = Instant::now();
+    kubectl(&["delete", "pod", &holder, "-n", "web", "--wait=false"]);
+    loop {
+        let eps = ready_endpoints(client).await;
+        if eps.len() == 1 && !eps.contains(&holder) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "the other replica did not become the endpoint: {eps:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    summary.push(format!(
+        "- active/passive sidecar: exactly one ready endpoint; holder Pod deleted -> the other is the endpoint after {:.2} s",
+        t0.elapsed().as_secs_f64()
+    ));
+}
+
+/// The Pods behind Service web/web that are ready endpoints.
+async fn ready_endpoints(client: &Client) -> Vec<String> {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "web");
+    slices
+        .list(&kube::api::ListParams::default().labels("kubernetes.io/service-name=web"))
+        .await
+        .expect("endpoint slices")
+        .items
+        .iter()
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        .filter_map(|e| e.target_ref.as_ref().and_then(|t| t.name.clone()))
+        .collect()
 }
 
 const JOB: &str = r#"

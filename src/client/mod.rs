@@ -125,6 +125,9 @@ pub struct AcquireOptions {
     /// Own the claim by the current Pod (`POD_NAME` and `POD_UID` set), so the garbage
     /// collector releases the lock when the Pod goes.
     pub owner_pod: bool,
+    /// The claim's `ttlSecondsAfterFinished`: a claim this process could not delete
+    /// (it died, the API was unreachable) is deleted this long after it finished.
+    pub keep_finished: Option<Duration>,
 }
 
 impl Default for AcquireOptions {
@@ -140,6 +143,7 @@ impl Default for AcquireOptions {
             renew_deadline: None,
             renew_time_skew: jiff::SignedDuration::ZERO,
             owner_pod: true,
+            keep_finished: None,
         }
     }
 }
@@ -185,7 +189,9 @@ impl LockClient {
             lock_delay_seconds: secs(opts.lock_delay),
             release: false,
             max_hold_seconds: None,
-            ttl_seconds_after_finished: None,
+            ttl_seconds_after_finished: opts
+                .keep_finished
+                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
         };
         let owner = if opts.owner_pod {
             match (std::env::var("POD_NAME"), std::env::var("POD_UID")) {

@@ -137,6 +137,17 @@ pub fn spawn_operator(bin: &Path, kubeconfig: &Path, name: &str, args: &[&str]) 
 
 /// Fetches `path` from a probe server at `addr` (plain HTTP/1.0). Empty on error.
 pub async fn scrape(addr: &str, path: &str) -> String {
+    scrape_full(addr, path)
+        .await
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The whole HTTP/1.0 response (status line, headers, body) to `GET path`. Empty on
+/// error.
+pub async fn scrape_full(addr: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
         return String::new();
@@ -148,10 +159,6 @@ pub async fn scrape(addr: &str, path: &str) -> String {
     let mut response = String::new();
     let _ = s.read_to_string(&mut response).await;
     response
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// The sum of the samples of metric `name` (with its labels, if given) in Prometheus
