@@ -152,6 +152,10 @@ pub struct Metrics {
     pub invalid_objects: Family<KindLabel, Gauge>,
     /// Times this replica gave up leadership on purpose, by reason.
     pub step_downs: Family<ReasonLabel, Counter>,
+    /// Events dropped because the publishing queue was full.
+    pub events_dropped: Counter,
+    /// Watch events received, by kind (what the rest of the cluster costs the operator).
+    pub watch_events: Family<KindLabel, Counter>,
     registry: Registry,
 }
 
@@ -186,6 +190,8 @@ impl Metrics {
             writes_not_leading: Counter::default(),
             invalid_objects: Family::default(),
             step_downs: Family::default(),
+            events_dropped: Counter::default(),
+            watch_events: Family::default(),
             registry: Registry::with_prefix("leasekeeper"),
         };
         let r = &mut m.registry;
@@ -248,7 +254,20 @@ impl Metrics {
             "Times this replica gave leadership up on purpose, by reason (CacheSyncTimeout)",
             m.step_downs.clone(),
         );
+        r.register(
+            "events_dropped",
+            "Events dropped because the rate-limited publishing queue was full",
+            m.events_dropped.clone(),
+        );
+        r.register(
+            "watch_events",
+            "Objects received from the watches, by kind (Leases only with leasekeeper's label or the takeover label)",
+            m.watch_events.clone(),
+        );
         for kind in ["LockClaim", "Lease"] {
+            m.watch_events
+                .get_or_create(&KindLabel { kind: kind.into() })
+                .inc_by(0);
             m.invalid_objects
                 .get_or_create(&KindLabel { kind: kind.into() })
                 .set(0);

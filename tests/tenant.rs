@@ -310,3 +310,59 @@ async fn tenant_06_out_of_range_status_integers_are_refused_at_admission_naming_
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_07_a_foreign_leases_writes_never_reach_the_operator_and_its_claim_rechecks() {
+    let (admin, tenant, ns) = setup("tenant-unwatched", "team-a-dev").await;
+    foreign_lease(&admin, &ns, "app-leader", "app-0_abc", &[]).await;
+    foreign_lease(&admin, &ns, "node-1", "node-1", &[]).await;
+    let renewers = [("app-leader", "app-0_abc"), ("node-1", "node-1")].map(|(l, h)| {
+        Renewer::start(
+            &admin,
+            &ns,
+            l,
+            h,
+            Duration::from_millis(100),
+            SignedDuration::ZERO,
+        )
+    });
+    let op = Operator::start(&admin, &ns, GC).await;
+    let lease_events = || {
+        op.metrics
+            .watch_events
+            .get_or_create(&leasekeeper::telemetry::KindLabel {
+                kind: "Lease".into(),
+            })
+            .get()
+    };
+    let claims: Api<LockClaim> = Api::namespaced(tenant.clone(), &ns);
+    create_claim(&claims, "grab", spec("app-leader")).await;
+    support::wait_for(&claims, "grab", T, "LeaseNotManaged", |c: &LockClaim| {
+        reason(c).as_deref() == Some("LeaseNotManaged")
+    })
+    .await;
+    let before = lease_events();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // About 60 writes to the two foreign Leases meanwhile; none reached the operator.
+    assert_eq!(
+        lease_events(),
+        before,
+        "a foreign Lease's write was watched"
+    );
+    assert_eq!(before, 0, "the operator watched a foreign Lease");
+    for r in &renewers {
+        r.stop();
+    }
+    Api::<Lease>::namespaced(admin.clone(), &ns)
+        .delete("app-leader", &Default::default())
+        .await
+        .expect("delete the foreign Lease");
+    // The refused create is re-read with backoff (5 s, then doubling): the claim learns
+    // that the Lease is gone without any watch event for it.
+    wait_phase(&claims, "grab", Phase::Granted, Duration::from_secs(70)).await;
+    let l = Api::<Lease>::namespaced(admin.clone(), &ns)
+        .get("app-leader")
+        .await
+        .expect("lease");
+    assert!(leasekeeper::arbiter::is_managed(&l), "{l:?}");
+}

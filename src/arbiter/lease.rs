@@ -198,3 +198,123 @@ pub(super) fn renew(lease: &Lease, now: Timestamp) -> Lease {
     spec.renew_time = Some(MicroTime(now));
     l
 }
+
+/// The JSON merge patch that turns the Lease into `desired`, touching only what the
+/// operator owns: the spec's holder fields and its own annotations, with the
+/// resourceVersion `desired` was decided from as the precondition. Labels and
+/// annotations of others are never sent, so a cache that dropped them (to save memory)
+/// never writes them away.
+pub fn update_patch(desired: &Lease) -> serde_json::Value {
+    let spec = desired.spec.clone().unwrap_or_default();
+    let ours = |k: &str| {
+        desired
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(k))
+            .cloned()
+    };
+    serde_json::json!({
+        "metadata": {
+            "resourceVersion": desired.metadata.resource_version,
+            "annotations": {
+                CLAIM_ANNOTATION: ours(CLAIM_ANNOTATION),
+                CLAIM_UID_ANNOTATION: ours(CLAIM_UID_ANNOTATION),
+                LOCK_DELAY_ANNOTATION: ours(LOCK_DELAY_ANNOTATION),
+            },
+        },
+        "spec": {
+            "holderIdentity": spec.holder_identity,
+            "acquireTime": spec.acquire_time,
+            "renewTime": spec.renew_time,
+            "leaseDurationSeconds": spec.lease_duration_seconds,
+            "leaseTransitions": spec.lease_transitions,
+        },
+    })
+}
+
+/// What the operator's cache keeps of a Lease: its spec, and of its metadata only what
+/// the arbiter reads (our annotations, the managed-by and takeover labels).
+pub fn slim(l: &mut Lease) {
+    let m = &mut l.metadata;
+    m.managed_fields = None;
+    if let Some(a) = m.annotations.as_mut() {
+        a.retain(|k, _| {
+            [
+                CLAIM_ANNOTATION,
+                CLAIM_UID_ANNOTATION,
+                LOCK_DELAY_ANNOTATION,
+            ]
+            .contains(&k.as_str())
+        });
+    }
+    if let Some(labels) = m.labels.as_mut() {
+        labels.retain(|k, _| k == MANAGED_BY_LABEL || k == TAKEOVER_LABEL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_update_patch_sends_only_our_fields_and_clears_with_nulls() {
+        let mut l = Lease::default();
+        l.metadata.resource_version = Some("42".into());
+        l.metadata.labels = Some([("team".to_string(), "a".to_string())].into());
+        l.metadata.annotations = Some(
+            [
+                ("owner-note".to_string(), "keep me".to_string()),
+                (CLAIM_ANNOTATION.to_string(), "c".to_string()),
+            ]
+            .into(),
+        );
+        l.spec = Some(LeaseSpec {
+            holder_identity: Some("c".into()),
+            lease_duration_seconds: Some(15),
+            ..LeaseSpec::default()
+        });
+        let p = update_patch(&l);
+        assert_eq!(p["metadata"]["resourceVersion"], "42");
+        assert_eq!(p["metadata"]["annotations"][CLAIM_ANNOTATION], "c");
+        assert!(p["metadata"]["annotations"][CLAIM_UID_ANNOTATION].is_null());
+        assert!(
+            p["metadata"]["annotations"].get("owner-note").is_none(),
+            "others' annotations are not ours to send"
+        );
+        assert!(p["metadata"].get("labels").is_none());
+        assert_eq!(p["spec"]["holderIdentity"], "c");
+        assert!(
+            p["spec"]["renewTime"].is_null(),
+            "a cleared field is sent as null"
+        );
+        assert!(p["spec"].get("preferredHolder").is_none() && p["spec"].get("strategy").is_none());
+    }
+
+    #[test]
+    fn the_cache_keeps_only_what_the_arbiter_reads() {
+        let mut l = Lease::default();
+        l.metadata.labels = Some(
+            [
+                (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
+                ("big".to_string(), "x".repeat(1000)),
+            ]
+            .into(),
+        );
+        l.metadata.annotations = Some(
+            [
+                (CLAIM_ANNOTATION.to_string(), "c".to_string()),
+                (
+                    "kubectl.kubernetes.io/last-applied-configuration".to_string(),
+                    "y".repeat(1000),
+                ),
+            ]
+            .into(),
+        );
+        slim(&mut l);
+        assert!(is_managed(&l));
+        assert_eq!(claim_annotation(&l).as_deref(), Some("c"));
+        assert_eq!(l.metadata.labels.as_ref().map(|x| x.len()), Some(1));
+        assert_eq!(l.metadata.annotations.as_ref().map(|x| x.len()), Some(1));
+    }
+}

@@ -42,7 +42,7 @@ mod status;
 mod verify;
 mod view;
 
-pub use lease::{is_managed, takeover_allowed, writable};
+pub use lease::{is_managed, slim as slim_lease, takeover_allowed, update_patch, writable};
 pub use reason::{End, Reason};
 pub use view::min_takeover_grace;
 
@@ -82,12 +82,22 @@ pub struct Now {
 pub struct Config {
     /// A managed Lease that no live claim names for this long is deleted.
     pub gc_grace: Duration,
+    /// Waiters with an exact `queuePosition`; those further back have none (their
+    /// condition says "more than N ahead"), so a handoff rewrites at most this many.
+    pub exact_positions: u32,
+    /// A waiter whose position only improved (it moved up, or waits on a new holder) is
+    /// rewritten at most this long after the first such change: during a burst of
+    /// handoffs a queue is rewritten once, not once per handoff. Every other change
+    /// (first queued, next in line, moved back, another reason) is written at once.
+    pub position_delay: Duration,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             gc_grace: Duration::from_secs(300),
+            exact_positions: 10,
+            position_delay: Duration::from_secs(1),
         }
     }
 }
@@ -105,6 +115,9 @@ pub struct Memory {
     /// The claim this process granted the Lease to, and when (the exact acquireTime it
     /// wrote; the claim's status has only seconds).
     pub acquired: Option<(String, Timestamp)>,
+    /// When deferred queue-position updates are written (see
+    /// [`Config::position_delay`]).
+    pub positions_due: Option<Duration>,
 }
 
 impl Memory {

@@ -241,7 +241,7 @@ fn history(ops: &[Op], lease_precondition: bool) -> Result<(), TestCaseError> {
         w.settle();
         w.advance(Duration::from_secs(20));
     }
-    w.settle();
+    w.settle_fully();
     if let Err(e) = w.check_settled() {
         return Err(TestCaseError::fail(format!("settled: {e}")));
     }

@@ -70,6 +70,9 @@ impl Default for World {
             memory: Memory::default(),
             config: Config {
                 gc_grace: Duration::from_secs(60),
+                // Small, so that histories reach past the exact positions.
+                exact_positions: 3,
+                position_delay: Duration::from_secs(1),
             },
             max_token: 0,
             notes: Vec::new(),
@@ -333,6 +336,19 @@ impl World {
             "did not settle in 10 rounds; last plan: {last:#?}\nclaims: {:#?}\nlease: {:#?}",
             self.claims, self.lease
         );
+    }
+
+    /// [`World::settle`], and past the delay of any deferred queue-position update,
+    /// until none is pending.
+    pub fn settle_fully(&mut self) {
+        for _ in 0..10 {
+            self.settle();
+            if self.memory.positions_due.is_none() {
+                return;
+            }
+            self.advance(self.config.position_delay);
+        }
+        panic!("queue positions still deferred after 10 rounds");
     }
 
     pub fn rvs(&self) -> HashMap<String, String> {
@@ -630,18 +646,32 @@ impl World {
             })
             .collect();
         waiting.sort_by(|a, b| super::queue_cmp(a, b));
+        let exact = i32::try_from(self.config.exact_positions).unwrap_or(i32::MAX);
         for (i, c) in waiting.iter().enumerate() {
             let st = c
                 .status
                 .as_ref()
                 .ok_or_else(|| format!("{:?} has no status", c.metadata.name))?;
-            if st.phase != Some(Phase::Pending) || st.queue_position != Some(i as i32 + 1) {
+            let position = i32::try_from(i + 1).unwrap_or(i32::MAX);
+            let want = (position <= exact).then_some(position);
+            if st.phase != Some(Phase::Pending) || st.queue_position != want {
                 return Err(format!(
-                    "{:?} should be Pending at position {}, is {:?} at {:?}",
-                    c.metadata.name,
-                    i + 1,
-                    st.phase,
-                    st.queue_position
+                    "{:?} should be Pending at position {want:?}, is {:?} at {:?}",
+                    c.metadata.name, st.phase, st.queue_position
+                ));
+            }
+            let msg = c
+                .condition(crate::api::CONDITION_GRANTED)
+                .map(|x| x.message.clone())
+                .unwrap_or_default();
+            let says = match want {
+                Some(p) => format!("position {p}"),
+                None => format!("more than {exact} claims ahead"),
+            };
+            if !msg.contains(&says) {
+                return Err(format!(
+                    "{:?}'s condition says {msg:?}, not {says:?}",
+                    c.metadata.name
                 ));
             }
         }

@@ -75,10 +75,11 @@ pub(super) fn finished(
     st
 }
 
-/// The status of a claim waiting at `position` for `why`.
+/// The status of a claim waiting at `position` (None: further back than the exact
+/// positions) for `why`.
 pub(super) fn waiting(
     c: &LockClaim,
-    position: i32,
+    position: Option<i32>,
     why: Reason,
     msg: &str,
     holder_now: Option<String>,
@@ -86,7 +87,7 @@ pub(super) fn waiting(
 ) -> LockClaimStatus {
     let mut st = base(c);
     st.phase = Some(Phase::Pending);
-    st.queue_position = Some(position);
+    st.queue_position = position;
     st.holder_identity = holder_now;
     set_condition(&mut st, c, CONDITION_GRANTED, false, why, msg, now);
     st

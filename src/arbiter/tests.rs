@@ -847,3 +847,92 @@ fn a_plan_decided_from_a_stale_lease_is_refused_by_the_precondition() {
     );
     w.check().expect("invariants");
 }
+
+fn status_writes(plan: &super::Plan) -> usize {
+    plan.steps
+        .iter()
+        .filter(|s| matches!(s, Step::SetStatus { .. }))
+        .count()
+}
+
+#[test]
+fn waiters_past_the_exact_positions_carry_no_number_and_say_how_far_back_they_are() {
+    let mut w = World::default(); // exact_positions: 3
+    w.create("holder", spec(15));
+    w.settle();
+    for i in 0..5 {
+        w.advance(secs(1));
+        w.create(&format!("w{i}"), spec(15));
+    }
+    w.settle_fully();
+    assert_eq!(w.status("w2").queue_position, Some(3));
+    for late in ["w3", "w4"] {
+        assert_eq!(w.status(late).queue_position, None);
+        let msg = w.claims[late]
+            .condition(CONDITION_GRANTED)
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        assert!(msg.contains("more than 3 claims ahead"), "{msg}");
+    }
+    w.check_settled().expect("settled");
+}
+
+#[test]
+fn a_handoff_costs_a_bounded_number_of_status_writes_however_long_the_queue() {
+    let mut w = World::default();
+    w.create("holder", spec(15));
+    w.settle();
+    for i in 0..50 {
+        w.advance(Duration::from_millis(1100));
+        w.create(&format!("w{i:02}"), spec(15));
+        w.settle();
+    }
+    w.settle_fully();
+    w.delete("holder");
+    let plan = w.reconcile();
+    // w00 granted; w01 next in line now: at once; w03 enters the exact positions: at
+    // once. w02 moved up: later. Everyone further back: unchanged (no number, no holder).
+    assert_eq!(w.phase("w00"), Some(Phase::Granted));
+    assert_eq!(w.status("w01").queue_position, Some(1));
+    assert_eq!(
+        w.status("w02").queue_position,
+        Some(3),
+        "moved up: deferred"
+    );
+    assert_eq!(
+        status_writes(&plan),
+        3,
+        "a handoff with 49 waiters: the new holder, the next in line, the one entering the exact positions"
+    );
+    // A burst of handoffs inside the delay: still nothing for the waiters behind.
+    w.release("w00");
+    let plan = w.reconcile();
+    assert!(status_writes(&plan) <= 4, "{}", status_writes(&plan));
+    // After the delay, the queue is rewritten once, at most the exact positions.
+    w.advance(secs(1));
+    let plan = w.reconcile();
+    assert!(status_writes(&plan) <= 3, "{}", status_writes(&plan));
+    w.check_settled()
+        .expect("true positions once the delay ran out");
+}
+
+#[test]
+fn a_waiter_pushed_back_by_a_higher_priority_claim_is_told_at_once() {
+    let mut w = World::default();
+    w.create("holder", spec(15));
+    w.settle();
+    w.advance(secs(1));
+    w.create("a", spec(15));
+    w.settle_fully();
+    assert_eq!(w.status("a").queue_position, Some(1));
+    let mut urgent = spec(15);
+    urgent.priority = 10;
+    w.create("vip", urgent);
+    w.settle();
+    assert_eq!(w.status("vip").queue_position, Some(1));
+    assert_eq!(
+        w.status("a").queue_position,
+        Some(2),
+        "moving back is written at once"
+    );
+}

@@ -49,6 +49,23 @@ pub struct RunConfig {
     /// is released.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// Waiters per Lease with an exact status.queuePosition; those further back show
+    /// none (their condition says "more than N claims ahead"), so a handoff rewrites at
+    /// most this many statuses.
+    #[arg(long, env = "LEASEKEEPER_QUEUE_POSITIONS", default_value_t = 10)]
+    pub queue_positions: u32,
+    /// A waiter that only moved up is rewritten at most this long after the change, so a
+    /// burst of handoffs rewrites a queue once (being next in line, moving back and
+    /// every other change are written at once).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub queue_position_delay: Duration,
+    /// Events published per second at most (they wait in a queue of four bursts; when
+    /// that is full an Event is dropped and counted).
+    #[arg(long, env = "LEASEKEEPER_EVENT_QPS", default_value_t = 50)]
+    pub event_qps: u32,
+    /// Events published at once before the rate applies.
+    #[arg(long, env = "LEASEKEEPER_EVENT_BURST", default_value_t = 200)]
+    pub event_burst: u32,
     /// How often the leader renews.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub leader_retry_period: Duration,

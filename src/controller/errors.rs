@@ -66,6 +66,15 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// The Lease exists but is not watched (it carries neither our label nor the
+    /// takeover label): it was read, and the next decision uses it.
+    #[error("Lease {name} exists and carries neither leasekeeper's label nor the takeover label")]
+    UnwatchedLease {
+        /// Lease name.
+        name: String,
+        /// The Lease as read.
+        lease: Box<k8s_openapi::api::coordination::v1::Lease>,
+    },
     /// The reconcile of Lease `lease` panicked: contained, counted, retried with backoff.
     #[error("the reconcile of Lease {lease} panicked")]
     Panicked {
@@ -83,7 +92,7 @@ pub enum Error {
 
 impl Error {
     /// Every reason [`Error::reason`] can return (metrics start them at zero).
-    pub const REASONS: [&'static str; 9] = [
+    pub const REASONS: [&'static str; 10] = [
         "Conflict",
         "LeaseReadFailed",
         "LeaseWriteFailed",
@@ -93,6 +102,7 @@ impl Error {
         "ClaimDeleteFailed",
         "TermEnded",
         "Panic",
+        "UnwatchedLease",
     ];
 
     /// A stable PascalCase reason for metric labels and Events.
@@ -107,12 +117,13 @@ impl Error {
             Error::ClaimDeleteFailed { .. } => "ClaimDeleteFailed",
             Error::TermEnded { .. } => "TermEnded",
             Error::Panicked { .. } => "Panic",
+            Error::UnwatchedLease { .. } => "UnwatchedLease",
         }
     }
 
     /// Conflicts resolve themselves on the next read; everything else backs off longer.
     pub fn is_conflict(&self) -> bool {
-        matches!(self, Error::Conflict { .. })
+        matches!(self, Error::Conflict { .. } | Error::UnwatchedLease { .. })
     }
 }
 

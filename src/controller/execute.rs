@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
@@ -135,7 +133,7 @@ impl<'a> Executor<'a> {
             Step::DeleteLease { resource_version } => self.delete_lease(resource_version).await,
             Step::DeleteClaim { claim } => self.delete_claim(claim).await,
             Step::Event(note) => {
-                self.event(note).await;
+                self.event(note);
                 Ok(())
             }
         }
@@ -241,8 +239,27 @@ impl<'a> Executor<'a> {
         let result = match chaos::write_lease(&self.lease_api, &self.key.name, lease).await {
             Some(sabotaged) => sabotaged,
             None if kind == LeaseWriteKind::Create => self.lease_api.create(&pp, lease).await,
-            None => self.lease_api.replace(&self.key.name, &pp, lease).await,
+            // A merge patch of only what the operator owns, with the resourceVersion as
+            // precondition: the cache dropped others' labels and annotations, so a
+            // whole-object replace would write them away.
+            None => {
+                let patch = crate::arbiter::update_patch(lease);
+                self.lease_api
+                    .patch(
+                        &self.key.name,
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await
+            }
         };
+        if kind == LeaseWriteKind::Create {
+            if let Err(e) = &result {
+                if is_status(e, 409) {
+                    return Err(self.existing_lease().await);
+                }
+            }
+        }
         let obj = result.map_err(|e| {
             classify(e, self.lease_conflict(), |source| Error::LeaseWriteFailed {
                 name: self.key.name.clone(),
@@ -264,6 +281,24 @@ impl<'a> Executor<'a> {
         }
         self.lease = Some(obj);
         Ok(())
+    }
+
+    /// The create found a Lease the watches do not show (only Leases with our label or
+    /// the takeover label are watched): read it, so the next decision sees it.
+    async fn existing_lease(&self) -> Error {
+        match self.lease_api.get_opt(&self.key.name).await {
+            Ok(Some(lease)) => Error::UnwatchedLease {
+                name: self.key.name.clone(),
+                lease: Box::new(lease),
+            },
+            Ok(None) => Error::Conflict {
+                what: self.lease_conflict(),
+            },
+            Err(source) => Error::LeaseReadFailed {
+                name: self.key.name.clone(),
+                source,
+            },
+        }
     }
 
     async fn delete_lease(&mut self, resource_version: &str) -> Result<(), Error> {
@@ -302,13 +337,13 @@ impl<'a> Executor<'a> {
         }
     }
 
-    async fn event(&self, note: &Note) {
+    fn event(&self, note: &Note) {
         let reference = match &note.target {
             Target::Claim(n) => self.by_name.get(n).map(|c| c.object_ref(&())),
             Target::Lease => self.lease.as_ref().map(|l| l.object_ref(&())),
         };
         if let Some(reference) = reference {
-            publish(self.ctx, note, &reference).await;
+            self.ctx.events.send(note, reference);
         }
     }
 
@@ -339,28 +374,5 @@ fn precondition(resource_version: Option<String>) -> DeleteParams {
             uid: None,
         }),
         ..DeleteParams::default()
-    }
-}
-
-/// Publishes an Event; a failure is logged, never fatal (Events are best effort).
-pub async fn publish(ctx: &Context, note: &Note, reference: &ObjectReference) {
-    let ev = Event {
-        type_: if note.warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: note.reason.as_str().to_string(),
-        note: Some(note.message.clone()),
-        action: "Arbitrate".into(),
-        secondary: None,
-    };
-    // A fresh Recorder per Event: kube's Recorder keeps every Event it published for six
-    // minutes (to count repeats of the same Event) and scans that cache on each publish.
-    // Ours never repeat (each marks one transition of one claim), so the cache would only
-    // hold tens of thousands of Events under load, and cost a scan per publish.
-    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
-    if let Err(e) = recorder.publish(&ev, reference).await {
-        tracing::debug!(error = %e, reason = note.reason.as_str(), "cannot publish Event");
     }
 }

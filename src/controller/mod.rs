@@ -13,6 +13,7 @@
 
 pub mod config;
 mod errors;
+mod events;
 mod execute;
 pub mod queue;
 mod reconcile;
@@ -32,7 +33,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::events::Reporter;
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::Client;
 use tokio::time::Instant;
 
@@ -64,6 +65,18 @@ struct KeyState {
     claim_rvs: HashMap<String, u64>,
     failures: u32,
     waiting: usize,
+    /// A Lease the watches do not show (neither our label nor the takeover label),
+    /// learnt from a refused create; read again when `recheck` is due.
+    foreign: Option<Foreign>,
+}
+
+/// An unwatched Lease as last read, and when to read it again.
+struct Foreign {
+    lease: Arc<Lease>,
+    /// Monotonic time ([`Context::mono`]) of the next read.
+    recheck: Duration,
+    /// The wait before the next read after this one (doubling, capped).
+    backoff: Duration,
 }
 
 /// Shared state of the controller.
@@ -74,8 +87,11 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Who publishes Events (this controller and replica).
     pub reporter: Reporter,
+    /// Where Events go (published off the critical path, rate-limited).
+    events: events::EventSink,
     claims: Store<LockClaim>,
-    leases: Store<Lease>,
+    /// The Leases we manage and the ones open to takeover (one watch each).
+    leases: [Store<Lease>; 2],
     /// Claim names per Lease key (leaseName is immutable, so this only grows and shrinks).
     index: Mutex<HashMap<LeaseKey, HashSet<String>>>,
     keys: Mutex<HashMap<LeaseKey, KeyState>>,
@@ -92,6 +108,21 @@ impl Context {
     /// Monotonic time since the controller started.
     pub fn mono(&self) -> Duration {
         self.origin.elapsed()
+    }
+
+    /// The Lease of `key` from the watched caches (the newer copy if both hold it).
+    fn watched_lease(&self, key: &LeaseKey) -> Option<Arc<Lease>> {
+        let r = ObjectRef::new(&key.name).within(&key.namespace);
+        let rv = |l: &Lease| {
+            l.metadata
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        self.leases
+            .iter()
+            .filter_map(|s| s.get(&r))
+            .max_by_key(|l| rv(l))
     }
 
     fn keys(&self) -> std::sync::MutexGuard<'_, HashMap<LeaseKey, KeyState>> {

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::reflector::ObjectRef;
-use kube::ResourceExt;
+use kube::{Api, ResourceExt};
 use tokio::time::Instant;
 
 use super::execute::{self, Written};
-use super::{chaos, Context, Error, KeyState, LeaseKey};
+use super::{chaos, Context, Error, Foreign, KeyState, LeaseKey};
 use crate::api::LockClaim;
 use crate::arbiter::{self, Memory, Outcome, Plan};
 use crate::telemetry::{NamespaceLabel, ReasonLabel};
@@ -33,6 +33,11 @@ pub(super) async fn reconcile_key(ctx: &Arc<Context>, key: &LeaseKey) {
                 s.failures = 0;
             }
             next
+        }
+        Err(Error::UnwatchedLease { lease, .. }) => {
+            count_error(ctx, "UnwatchedLease");
+            learn_foreign(ctx, key, *lease);
+            Some(Duration::ZERO)
         }
         Err(e) => Some(failed(ctx, key, &e)),
     };
@@ -60,12 +65,7 @@ fn failed(ctx: &Context, key: &LeaseKey, e: &Error) -> Duration {
         s.failures = s.failures.saturating_add(1);
         s.failures
     };
-    ctx.metrics
-        .reconcile_errors
-        .get_or_create(&ReasonLabel {
-            reason: e.reason().to_string(),
-        })
-        .inc();
+    count_error(ctx, e.reason());
     if e.is_conflict() {
         tracing::debug!(namespace = %key.namespace, lease = %key.name, error = %e, "conflict; re-reading");
     } else {
@@ -74,9 +74,76 @@ fn failed(ctx: &Context, key: &LeaseKey, e: &Error) -> Duration {
     backoff(failures - 1, e.is_conflict())
 }
 
+fn count_error(ctx: &Context, reason: &str) {
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&ReasonLabel {
+            reason: reason.to_string(),
+        })
+        .inc();
+}
+
+/// First and longest wait before an unwatched Lease is read again.
+const FOREIGN_RECHECK: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(60));
+
+/// Remembers a Lease the watches do not show (a create of it was refused), so that the
+/// next decisions see it; it is read again with backoff ([`refresh_foreign`]).
+fn learn_foreign(ctx: &Context, key: &LeaseKey, mut lease: Lease) {
+    arbiter::slim_lease(&mut lease);
+    let now = ctx.mono();
+    let mut keys = ctx.keys();
+    let s = keys.entry(key.clone()).or_default();
+    let backoff = s.foreign.as_ref().map_or(FOREIGN_RECHECK.0, |f| {
+        (f.backoff * 2).min(FOREIGN_RECHECK.1)
+    });
+    s.foreign = Some(Foreign {
+        lease: Arc::new(lease),
+        recheck: now + backoff,
+        backoff,
+    });
+}
+
+/// Reads an unwatched Lease again once its recheck is due: gone, it is forgotten (the
+/// next decision may create it); still there, it is remembered with a longer backoff.
+async fn refresh_foreign(ctx: &Context, key: &LeaseKey) -> Result<(), Error> {
+    let due = ctx
+        .keys()
+        .get(key)
+        .and_then(|s| s.foreign.as_ref())
+        .is_some_and(|f| f.recheck <= ctx.mono());
+    if !due {
+        return Ok(());
+    }
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    let read = api
+        .get_opt(&key.name)
+        .await
+        .map_err(|source| Error::LeaseReadFailed {
+            name: key.name.clone(),
+            source,
+        })?;
+    match read {
+        Some(lease) => learn_foreign(ctx, key, lease),
+        None => {
+            if let Some(s) = ctx.keys().get_mut(key) {
+                s.foreign = None;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// When an unwatched Lease in use is due to be read again.
+fn foreign_recheck_in(ctx: &Context, key: &LeaseKey) -> Option<Duration> {
+    let keys = ctx.keys();
+    let f = keys.get(key)?.foreign.as_ref()?;
+    Some(f.recheck.saturating_sub(ctx.mono()))
+}
+
 /// Reads the state of one Lease key, decides, and writes. Returns when to look again.
 async fn reconcile(ctx: &Arc<Context>, key: &LeaseKey) -> Result<Option<Duration>, Error> {
-    let (claims, lease) = read(ctx, key);
+    refresh_foreign(ctx, key).await?;
+    let (claims, lease, foreign) = read(ctx, key);
     // A cache older than our own last writes would only produce refused writes: wait
     // for the watch to deliver them (it triggers this key again).
     let Some(memory) = memory_unless_stale(ctx, key, &claims, lease.as_deref()) else {
@@ -104,11 +171,16 @@ async fn reconcile(ctx: &Arc<Context>, key: &LeaseKey) -> Result<Option<Duration
     };
     record(ctx, key, &plan);
     remember(ctx, key, &plan, written, &claims, lease.as_deref());
-    Ok(plan.requeue_after)
+    let recheck = foreign.then(|| foreign_recheck_in(ctx, key)).flatten();
+    Ok(match (plan.requeue_after, recheck) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    })
 }
 
-/// The claims that name the key's Lease, and the Lease, from the caches.
-fn read(ctx: &Context, key: &LeaseKey) -> (Vec<Arc<LockClaim>>, Option<Arc<Lease>>) {
+/// The claims that name the key's Lease, and the Lease: from the watched caches, else
+/// the unwatched one last read (then `true`).
+fn read(ctx: &Context, key: &LeaseKey) -> (Vec<Arc<LockClaim>>, Option<Arc<Lease>>, bool) {
     let names: Vec<String> = ctx
         .index()
         .get(key)
@@ -119,10 +191,15 @@ fn read(ctx: &Context, key: &LeaseKey) -> (Vec<Arc<LockClaim>>, Option<Arc<Lease
         .filter_map(|n| ctx.claims.get(&ObjectRef::new(n).within(&key.namespace)))
         .filter(|c| c.spec.lease_name == key.name)
         .collect();
-    let lease = ctx
-        .leases
-        .get(&ObjectRef::new(&key.name).within(&key.namespace));
-    (claims, lease)
+    if let Some(lease) = ctx.watched_lease(key) {
+        return (claims, Some(lease), false);
+    }
+    let foreign = ctx
+        .keys()
+        .get(key)
+        .and_then(|s| s.foreign.as_ref().map(|f| f.lease.clone()));
+    let unwatched = foreign.is_some();
+    (claims, foreign, unwatched)
 }
 
 /// What this process remembers of the key, unless the caches are older than its own

@@ -4,20 +4,18 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::core::DeserializeGuard;
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector;
 use kube::runtime::wait::{await_condition, conditions};
-use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, CustomResourceExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::reconcile::{reconcile_key, reconcile_panicked};
-use super::watches::{self, claim_seen, lease_seen, slim};
+use super::watches;
 use super::{chaos, worker, Context, Error, LeaseKey, RunConfig, RunError};
 use crate::api::LockClaim;
 use crate::arbiter;
@@ -240,70 +238,43 @@ pub async fn controller_until(
     };
     start_counters_at_zero(&metrics);
     let (claims, claim_writer) = reflector::store();
-    let (leases, lease_writer) = reflector::store();
+    let (managed, managed_writer) = reflector::store();
+    let (takeover, takeover_writer) = reflector::store();
+    let reporter = Reporter {
+        controller: crate::MANAGER.into(),
+        instance: Some(cfg.identity()),
+    };
+    let events = super::events::EventSink::start(
+        client.clone(),
+        reporter.clone(),
+        metrics.clone(),
+        cfg.event_qps,
+        cfg.event_burst,
+    );
     let ctx = Arc::new(Context {
-        reporter: Reporter {
-            controller: crate::MANAGER.into(),
-            instance: Some(cfg.identity()),
-        },
+        reporter,
+        events,
         client,
         metrics,
         claims,
-        leases,
+        leases: [managed, takeover],
         index: Mutex::default(),
         keys: Mutex::default(),
         queue: Arc::default(),
         invalid: Mutex::default(),
         config: arbiter::Config {
             gc_grace: cfg.gc_grace,
+            exact_positions: cfg.queue_positions,
+            position_delay: cfg.queue_position_delay,
         },
         origin: Instant::now(),
         term,
     });
-    let c = ctx.clone();
-    let claim_events = watches::claims(
-        ctx.clone(),
-        watcher(claim_api, watcher::Config::default()).modify(slim),
-    );
-    let claim_watch = reflector::reflector(claim_writer, claim_events)
-        .default_backoff()
-        .for_each(move |ev| {
-            match ev {
-                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                    claim_seen(&c, &o, false)
-                }
-                Ok(watcher::Event::Delete(o)) => claim_seen(&c, &o, true),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "LockClaim watch error; retrying"),
-            }
-            futures::future::ready(())
-        });
-    let c = ctx.clone();
-    let lease_events = watches::leases(
-        ctx.clone(),
-        watcher(lease_api, watcher::Config::default())
-            .modify(slim)
-            .then(|ev| async move {
-                chaos::lease_watch_point().await;
-                ev
-            }),
-    );
-    let lease_watch = reflector::reflector(lease_writer, lease_events)
-        .default_backoff()
-        .for_each(move |ev| {
-            match ev {
-                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                    lease_seen(&c, &o, false)
-                }
-                Ok(watcher::Event::Delete(o)) => lease_seen(&c, &o, true),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "Lease watch error; retrying"),
-            }
-            futures::future::ready(())
-        });
+    let [managed_sel, takeover_sel] = watches::lease_selectors();
     tokio::select! {
-        _ = claim_watch => Err(RunError::WatchEnded("LockClaim")),
-        _ = lease_watch => Err(RunError::WatchEnded("Lease")),
+        _ = watches::watch_claims(ctx.clone(), claim_api, claim_writer) => Err(RunError::WatchEnded("LockClaim")),
+        _ = watches::watch_leases(ctx.clone(), lease_api.clone(), managed_sel, managed_writer) => Err(RunError::WatchEnded("Lease")),
+        _ = watches::watch_leases(ctx.clone(), lease_api, takeover_sel, takeover_writer) => Err(RunError::WatchEnded("Lease")),
         res = dispatch(ctx, readiness, &cfg, stop) => res,
     }
 }
@@ -338,8 +309,13 @@ async fn dispatch(
     stop: watch::Receiver<bool>,
 ) -> Result<(), RunError> {
     let synced = async {
-        let (a, b) = tokio::join!(ctx.claims.wait_until_ready(), ctx.leases.wait_until_ready());
-        a.is_ok() && b.is_ok()
+        let [managed, takeover] = &ctx.leases;
+        let (a, b, c) = tokio::join!(
+            ctx.claims.wait_until_ready(),
+            managed.wait_until_ready(),
+            takeover.wait_until_ready()
+        );
+        a.is_ok() && b.is_ok() && c.is_ok()
     };
     match tokio::time::timeout(cfg.cache_sync_timeout, synced).await {
         Ok(true) => {}

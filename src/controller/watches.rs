@@ -6,38 +6,96 @@
 use std::future::ready;
 use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Patch, PatchParams};
 use kube::core::{DeserializeGuard, DynamicObject, GroupVersionKind};
 use kube::discovery::ApiResource;
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::reflector::{self, store::Writer, ObjectRef};
+use kube::runtime::watcher::{self, watcher, Event};
+use kube::runtime::WatchStreamExt;
 use kube::{Api, Resource, ResourceExt};
 
-use super::{Context, LeaseKey};
+use super::{chaos, Context, LeaseKey};
 use crate::api::{LockClaim, LockClaimSpec};
 use crate::arbiter::{self, Note, Reason, Target};
 use crate::telemetry::KindLabel;
 
-type Guarded<K> = Result<Event<DeserializeGuard<K>>, watcher::Error>;
-
-/// The claim events of a guarded watch, for the reflector: an object that cannot be
-/// decoded is reported (and its status repaired) and left out; the store keeps its last
-/// decodable version, if any.
-pub(super) fn claims(
-    ctx: Arc<Context>,
-    events: impl Stream<Item = Guarded<LockClaim>>,
-) -> impl Stream<Item = Result<Event<LockClaim>, watcher::Error>> {
-    events.filter_map(move |ev| ready(ev.map(|e| decoded(&ctx, e, claim_stub)).transpose()))
+/// The label selectors of the two Lease watches: the Leases leasekeeper created, and
+/// the ones their owners opened to takeover. Every other Lease in the cluster (node
+/// heartbeats, other controllers' leader election) never reaches the operator.
+pub(super) fn lease_selectors() -> [String; 2] {
+    [
+        format!("{}={}", crate::MANAGED_BY_LABEL, crate::MANAGED_BY_VALUE),
+        format!("{}={}", crate::TAKEOVER_LABEL, crate::TAKEOVER_ALLOWED),
+    ]
 }
 
-/// The Lease events of a guarded watch (see [`claims`]).
-pub(super) fn leases(
+/// Watches claims into `writer` (decoded one by one, slimmed), noting each in the
+/// index and scheduling its Lease key. Ends only if the watch stream does.
+pub(super) async fn watch_claims(
     ctx: Arc<Context>,
-    events: impl Stream<Item = Guarded<Lease>>,
-) -> impl Stream<Item = Result<Event<Lease>, watcher::Error>> {
-    events.filter_map(move |ev| ready(ev.map(|e| decoded(&ctx, e, lease_stub)).transpose()))
+    api: Api<DeserializeGuard<LockClaim>>,
+    writer: Writer<LockClaim>,
+) {
+    let events = watcher(api, watcher::Config::default())
+        .map_ok(decoding(ctx.clone(), claim_stub))
+        .try_filter_map(|e| ready(Ok(e)))
+        .modify(slim_claim);
+    reflector::reflector(writer, events)
+        .default_backoff()
+        .for_each(|ev| {
+            match ev {
+                Ok(Event::Apply(o) | Event::InitApply(o)) => claim_seen(&ctx, &o, false),
+                Ok(Event::Delete(o)) => claim_seen(&ctx, &o, true),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "LockClaim watch error; retrying"),
+            }
+            ready(())
+        })
+        .await
+}
+
+/// Watches the Leases that match `selector` into `writer` (see [`watch_claims`]).
+pub(super) async fn watch_leases(
+    ctx: Arc<Context>,
+    api: Api<DeserializeGuard<Lease>>,
+    selector: String,
+    writer: Writer<Lease>,
+) {
+    let events = watcher(api, watcher::Config::default().labels(&selector))
+        .then(|ev| async move {
+            chaos::lease_watch_point().await;
+            ev
+        })
+        .map_ok(decoding(ctx.clone(), lease_stub))
+        .try_filter_map(|e| ready(Ok(e)))
+        .modify(arbiter::slim_lease);
+    reflector::reflector(writer, events)
+        .default_backoff()
+        .for_each(|ev| {
+            match ev {
+                Ok(Event::Apply(o) | Event::InitApply(o)) => lease_seen(&ctx, &o, false),
+                Ok(Event::Delete(o)) => lease_seen(&ctx, &o, true),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, selector, "Lease watch error; retrying"),
+            }
+            ready(())
+        })
+        .await
+}
+
+/// Decodes the events of a guarded watch: an object that cannot be decoded is
+/// reported (and a claim's status repaired) and left out; the store keeps its last
+/// decodable version, if any.
+fn decoding<K>(
+    ctx: Arc<Context>,
+    stub: fn(&Context, &kube::api::ObjectMeta) -> K,
+) -> impl FnMut(Event<DeserializeGuard<K>>) -> Option<Event<K>>
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    move |ev| decoded(&ctx, ev, stub)
 }
 
 /// An event with its object decoded, or None when the object cannot be; a deleted
@@ -50,6 +108,14 @@ fn decoded<K>(
 where
     K: Resource<DynamicType = ()> + Clone,
 {
+    if matches!(ev, Event::Apply(_) | Event::InitApply(_) | Event::Delete(_)) {
+        ctx.metrics
+            .watch_events
+            .get_or_create(&KindLabel {
+                kind: K::kind(&()).to_string(),
+            })
+            .inc();
+    }
     let one = |g: DeserializeGuard<K>, deleted: bool| match g.0 {
         Ok(o) => {
             ctx.valid_again::<K>(o.meta());
@@ -162,7 +228,7 @@ impl Context {
             reason: Reason::InvalidObject,
             message,
         };
-        super::execute::publish(self, &note, &reference).await;
+        self.events.send(&note, reference);
         if status_only && self.term.is_current() {
             let api: Api<LockClaim> = Api::namespaced(self.client.clone(), ns);
             let patch = serde_json::json!({
@@ -232,10 +298,16 @@ pub(super) fn claim_seen(ctx: &Context, claim: &LockClaim, deleted: bool) {
     ctx.queue.now(key);
 }
 
-/// Drops what the arbiter never reads before an object enters the cache:
-/// managedFields are most of an object's size (and of the operator's memory).
-pub(super) fn slim<K: kube::Resource>(o: &mut K) {
-    o.meta_mut().managed_fields = None;
+/// Drops what the arbiter never reads before a claim enters the cache: managedFields,
+/// labels, annotations (a tenant may annotate its claims with anything, up to the API
+/// server's size limit) and owner references. Finalizers stay: the legacy one is
+/// removed by the arbiter.
+pub(super) fn slim_claim(c: &mut LockClaim) {
+    let m = &mut c.metadata;
+    m.managed_fields = None;
+    m.annotations = None;
+    m.labels = None;
+    m.owner_references = None;
 }
 
 /// Once the watch delivers our own write (or anything later), the cache has caught up.

@@ -433,16 +433,16 @@ impl<'a> Merged<'a> {
     }
 }
 
-/// (e) in one snapshot: live claims that are neither Granted nor Pending at a position,
-/// keyed by name@resourceVersion (so that two snapshots can be compared).
+/// (e) in one snapshot: live claims that are neither Granted nor Pending at a position
+/// (an exact one, or "more than K claims ahead" beyond the first K waiters), keyed by
+/// name@resourceVersion (so that two snapshots can be compared).
 pub fn unsettled_claims(claims: &[LockClaim]) -> BTreeMap<String, String> {
     let mut bad = BTreeMap::new();
     for c in claims {
         let ok = c.metadata.deletion_timestamp.is_some()
             || c.phase().is_some_and(Phase::is_terminal)
             || c.phase() == Some(Phase::Granted)
-            || (c.phase() == Some(Phase::Pending)
-                && c.status.as_ref().and_then(|s| s.queue_position).is_some());
+            || (c.phase() == Some(Phase::Pending) && has_position(c));
         if !ok {
             bad.insert(
                 format!(
@@ -459,6 +459,13 @@ pub fn unsettled_claims(claims: &[LockClaim]) -> BTreeMap<String, String> {
         }
     }
     bad
+}
+
+/// A Pending claim's place in its queue is written: exact, or beyond the exact ones.
+pub fn has_position(c: &LockClaim) -> bool {
+    c.status.as_ref().and_then(|s| s.queue_position).is_some()
+        || c.condition(leasekeeper::api::CONDITION_GRANTED)
+            .is_some_and(|g| g.message.contains("claims ahead"))
 }
 
 /// (b) in one snapshot: Leases that do not name their single Granted claim (or nobody,

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::ObjectMeta;
 use leasekeeper::api::{LockClaim, LockClaimStatus, Phase};
 
@@ -199,6 +200,22 @@ fn live(name: &str, rv: &str, phase: Option<Phase>, position: Option<i32>) -> Lo
     c
 }
 
+/// Pending beyond the first K waiters: no position number, the condition says so.
+fn beyond_the_exact_positions(name: &str, rv: &str) -> LockClaim {
+    let mut c = live(name, rv, Some(Phase::Pending), None);
+    if let Some(s) = c.status.as_mut() {
+        s.conditions.push(Condition {
+            type_: leasekeeper::api::CONDITION_GRANTED.into(),
+            status: "False".into(),
+            reason: "Queued".into(),
+            message: "waiting: more than 10 claims ahead".into(),
+            last_transition_time: Time(jiff::Timestamp::now()),
+            observed_generation: None,
+        });
+    }
+    c
+}
+
 #[test]
 fn a_live_claim_without_a_place_in_the_queue_is_unsettled() {
     let claims = [
@@ -207,6 +224,7 @@ fn a_live_claim_without_a_place_in_the_queue_is_unsettled() {
         live("c", "3", Some(Phase::Pending), None),
         live("d", "4", None, None),
         live("e", "5", Some(Phase::Released), None),
+        beyond_the_exact_positions("f", "6"),
     ];
     let bad = unsettled_claims(&claims);
     assert_eq!(bad.keys().collect::<Vec<_>>(), ["c@3", "d@4"]);

@@ -1,0 +1,86 @@
+//! Events, off the critical path: the executor hands each Event to a bounded queue and
+//! goes on; one task publishes them at most `--event-qps` per second (bursts of
+//! `--event-burst`). When the queue is full (a burst of thousands of claims) an Event
+//! is dropped and counted (`leasekeeper_events_dropped_total`): Events are best effort,
+//! and client-go's recorder drops under load too; conditions carry the same facts.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use governor::{Quota, RateLimiter};
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::Client;
+use tokio::sync::mpsc;
+
+use crate::arbiter::Note;
+use crate::telemetry::Metrics;
+
+/// Where the executor sends Events.
+#[derive(Clone)]
+pub struct EventSink {
+    tx: mpsc::Sender<(Note, ObjectReference)>,
+    metrics: Arc<Metrics>,
+}
+
+impl EventSink {
+    /// Starts the publishing task.
+    pub fn start(
+        client: Client,
+        reporter: Reporter,
+        metrics: Arc<Metrics>,
+        qps: u32,
+        burst: u32,
+    ) -> EventSink {
+        let capacity = usize::try_from(burst.max(1)).unwrap_or(1024) * 4;
+        let (tx, rx) = mpsc::channel(capacity);
+        tokio::spawn(publish_all(client, reporter, rx, qps, burst));
+        EventSink { tx, metrics }
+    }
+
+    /// Queues an Event without waiting; drops (and counts) it if the queue is full.
+    pub fn send(&self, note: &Note, reference: ObjectReference) {
+        if self.tx.try_send((note.clone(), reference)).is_err() {
+            self.metrics.events_dropped.inc();
+        }
+    }
+}
+
+async fn publish_all(
+    client: Client,
+    reporter: Reporter,
+    mut rx: mpsc::Receiver<(Note, ObjectReference)>,
+    qps: u32,
+    burst: u32,
+) {
+    let qps = NonZeroU32::new(qps.max(1)).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(burst.max(1)).unwrap_or(NonZeroU32::MIN);
+    let limiter = RateLimiter::direct(Quota::per_second(qps).allow_burst(burst));
+    while let Some((note, reference)) = rx.recv().await {
+        limiter.until_ready().await;
+        publish(&client, &reporter, &note, &reference).await;
+    }
+}
+
+/// Publishes one Event; a failure is logged, never fatal.
+async fn publish(client: &Client, reporter: &Reporter, note: &Note, reference: &ObjectReference) {
+    let ev = Event {
+        type_: if note.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: note.reason.as_str().to_string(),
+        note: Some(note.message.clone()),
+        action: "Arbitrate".into(),
+        secondary: None,
+    };
+    // A fresh Recorder per Event: kube's Recorder keeps every Event it published for six
+    // minutes (to count repeats of the same Event) and scans that cache on each publish.
+    // Ours never repeat (each marks one transition of one claim), so the cache would only
+    // hold tens of thousands of Events under load, and cost a scan per publish.
+    let recorder = Recorder::new(client.clone(), reporter.clone());
+    if let Err(e) = recorder.publish(&ev, reference).await {
+        tracing::debug!(error = %e, reason = note.reason.as_str(), "cannot publish Event");
+    }
+}
