@@ -21,6 +21,10 @@ pub struct RunConfig {
     /// Reconciles of different Leases that may run at once.
     #[arg(long, env = "LEASEKEEPER_CONCURRENCY", default_value_t = 16)]
     pub concurrency: usize,
+    /// Reconciles of one namespace that may run at once (namespaces are served in turn,
+    /// so a busy one cannot take every slot from the others).
+    #[arg(long, env = "LEASEKEEPER_NAMESPACE_CONCURRENCY", default_value_t = 8)]
+    pub namespace_concurrency: usize,
     /// Name of this replica, for Events and leader election (default: the host name).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,

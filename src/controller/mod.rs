@@ -56,6 +56,13 @@ pub struct LeaseKey {
     pub name: String,
 }
 
+impl queue::Grouped for LeaseKey {
+    type Group = String;
+    fn group(&self) -> String {
+        self.namespace.clone()
+    }
+}
+
 /// What this process keeps per Lease between reconciles.
 #[derive(Default)]
 struct KeyState {

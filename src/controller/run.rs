@@ -14,6 +14,7 @@ use kube::{Api, Client, CustomResourceExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::queue::WorkQueue;
 use super::reconcile::{reconcile_key, reconcile_panicked};
 use super::watches;
 use super::{chaos, worker, Context, Error, LeaseKey, RunConfig, RunError};
@@ -260,7 +261,7 @@ pub async fn controller_until(
         leases: [managed, takeover],
         index: Mutex::default(),
         keys: Mutex::default(),
-        queue: Arc::default(),
+        queue: Arc::new(WorkQueue::with_group_limit(cfg.namespace_concurrency)),
         invalid: Mutex::default(),
         config: arbiter::Config {
             gc_grace: cfg.gc_grace,

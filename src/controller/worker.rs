@@ -2,13 +2,12 @@
 //! once; a panic in one contained; on stop, in-flight work drained before returning.
 
 use std::future::Future;
-use std::hash::Hash;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{watch, Semaphore};
 
-use super::queue::WorkQueue;
+use super::queue::{Grouped, WorkQueue};
 
 /// Serves `queue` until `stop` turns true: each due key goes to `work`, at most
 /// `concurrency` at once and never one key twice at once. A panic in `work` is
@@ -24,7 +23,8 @@ pub(super) async fn serve<K, W, Fut, P>(
     on_panic: P,
 ) -> bool
 where
-    K: Clone + Eq + Hash + Ord + Send + Sync + 'static,
+    K: Grouped + Send + Sync + 'static,
+    K::Group: Send,
     W: Fn(K) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
     P: Fn(&K) + Send + Sync + 'static,
@@ -33,21 +33,20 @@ where
     let permits = Arc::new(Semaphore::new(concurrency));
     let on_panic = Arc::new(on_panic);
     loop {
-        let key = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => break,
-            key = queue.next() => key,
-        };
+        // A free slot first, then the key: the queue chooses whose turn it is when the
+        // work can start, not before.
         let permit = tokio::select! {
             biased;
-            _ = stop.wait_for(|s| *s) => {
-                queue.done(&key);
-                break;
-            }
+            _ = stop.wait_for(|s| *s) => break,
             p = permits.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break,
             },
+        };
+        let key = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            key = queue.next() => key,
         };
         let running = tokio::spawn(work(key.clone()));
         let (queue, on_panic) = (queue.clone(), on_panic.clone());
@@ -75,6 +74,11 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
+
+    impl Grouped for u32 {
+        type Group = ();
+        fn group(&self) {}
+    }
 
     #[tokio::test]
     async fn a_panicking_reconcile_is_contained_counted_and_its_key_runs_again() {
