@@ -31,6 +31,9 @@ pub(super) fn lease_selectors() -> [String; 2] {
     ]
 }
 
+/// Claims per list page of the claim watch.
+const CLAIM_PAGE: u32 = 100;
+
 /// Watches claims into `writer` (decoded one by one, slimmed), noting each in the
 /// index and scheduling its Lease key. Ends only if the watch stream does.
 pub(super) async fn watch_claims(
@@ -38,7 +41,9 @@ pub(super) async fn watch_claims(
     api: Api<DeserializeGuard<LockClaim>>,
     writer: Writer<LockClaim>,
 ) {
-    let events = watcher(api, watcher::Config::default())
+    // Small list pages: a claim may carry up to the API server's object size limit in
+    // annotations, and a page is held whole while it is decoded.
+    let events = watcher(api, watcher::Config::default().page_size(CLAIM_PAGE))
         .map_ok(decoding(ctx.clone(), claim_stub))
         .try_filter_map(|e| ready(Ok(e)))
         .modify(slim_claim);

@@ -34,8 +34,9 @@ pub struct Args {
     /// Where to write the markdown report.
     #[arg(long)]
     pub out: PathBuf,
-    /// Run only these scenarios (1 grant, 2 handoff, 3 failover, 4 scale, 5 idle).
-    #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 3, 4, 5])]
+    /// Run only these scenarios (1 grant, 2 handoff, 3 failover, 4 scale, 5 idle,
+    /// 6 noisy neighbours).
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 3, 4, 5, 6])]
     pub only: Vec<u8>,
 }
 

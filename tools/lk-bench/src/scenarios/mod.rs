@@ -4,6 +4,7 @@ mod failover;
 mod grant;
 mod handoff;
 mod idle;
+mod neighbours;
 mod peer;
 mod scale;
 
@@ -30,5 +31,8 @@ pub async fn run_selected(b: &Bench, r: &mut Report) {
     }
     if on(5) {
         idle::run(b, r).await;
+    }
+    if on(6) {
+        neighbours::run(b, r).await;
     }
 }

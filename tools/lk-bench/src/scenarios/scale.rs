@@ -24,7 +24,8 @@ pub async fn run(b: &Bench, r: &mut Report) {
     } else {
         (20, 50, 10)
     };
-    let (t_settle, t_drain, total) = scale(&b.client, nss, per_ns, per_lease).await;
+    let names: Vec<String> = (0..nss).map(|i| format!("bench-scale-{i:02}")).collect();
+    let (t_settle, t_drain, total) = scale(&b.client, &names, per_ns, per_lease, "scale").await;
     let (hwm_kb, cpu_s) = proc_stats(b.op_pid);
     r.add("## 4. Scale");
     r.add(String::new());
@@ -50,19 +51,21 @@ pub async fn run(b: &Bench, r: &mut Report) {
     r.add(String::new());
 }
 
-/// Returns (creation start -> settled, release start -> drained, claims).
-async fn scale(
+/// `per_lease` claims on each of `per_ns` Leases in each of `names` (labelled
+/// bench=`label`), created at once, then released as they are granted. Returns
+/// (creation start -> settled, release start -> drained, claims).
+pub(super) async fn scale(
     client: &Client,
-    nss: usize,
+    names: &[String],
     per_ns: usize,
     per_lease: usize,
+    label: &str,
 ) -> (Duration, Duration, usize) {
-    let names: Vec<String> = (0..nss).map(|i| format!("bench-scale-{i:02}")).collect();
-    for ns in &names {
+    for ns in names {
         testkit::create_namespace(client, ns, &[]).await;
     }
     let (store, writer) = reflector::store::<LockClaim>();
-    let cfg = watcher::Config::default().labels("bench=scale");
+    let cfg = watcher::Config::default().labels(&format!("bench={label}"));
     let watch = reflector::reflector(writer, watcher(Api::<LockClaim>::all(client.clone()), cfg))
         .modify(|c| c.metadata.managed_fields = None)
         .default_backoff()
@@ -70,7 +73,7 @@ async fn scale(
     let watch = tokio::spawn(watch);
     let _ = store.wait_until_ready().await;
     let mut jobs = Vec::new();
-    for ns in &names {
+    for ns in names {
         for l in 0..per_ns {
             for c in 0..per_lease {
                 jobs.push((ns.clone(), format!("l{l}"), format!("l{l}-c{c}")));
@@ -79,7 +82,7 @@ async fn scale(
     }
     let total = jobs.len();
     let t0 = Instant::now();
-    create_all(client, jobs).await;
+    create_all(client, jobs, label).await;
     let settle = loop {
         let claims = store.state();
         if claims.len() == total && settled(&claims) {
@@ -93,12 +96,12 @@ async fn scale(
     (settle, t1.elapsed(), total)
 }
 
-async fn create_all(client: &Client, jobs: Vec<(String, String, String)>) {
+async fn create_all(client: &Client, jobs: Vec<(String, String, String)>, label: &str) {
     futures::stream::iter(jobs)
         .map(|(ns, lease, name)| {
             let api: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
             let mut claim = LockClaim::new(&name, spec(&lease, Renewal::Controller, 3600));
-            claim.metadata.labels = Some([("bench".to_string(), "scale".to_string())].into());
+            claim.metadata.labels = Some([("bench".to_string(), label.to_string())].into());
             async move { api.create(&PostParams::default(), &claim).await }
         })
         .buffer_unordered(64)

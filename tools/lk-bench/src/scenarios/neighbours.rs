@@ -1,0 +1,347 @@
+//! Scenario 6: Noisy neighbours: what the rest of the cluster and one greedy tenant
+//! cost the operator. (a) 5,000 node heartbeat Leases in `kube-node-lease` renewed every
+//! 10 s against an idle window of the same length, while claims are granted; (b) 1,000
+//! claims carrying 250 KB annotations against 1,000 plain ones; (c) grants in a quiet
+//! namespace while another namespace creates and drains 10,000 claims.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use leasekeeper::api::{LockClaim, Phase, Renewal};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::scale;
+use crate::measure::{ms, operator_metric, proc_stats, spec, stats, Report, Seen, Stats};
+use crate::Bench;
+
+pub async fn run(b: &Bench, r: &mut Report) {
+    r.add("## 6. Noisy neighbours");
+    r.add(String::new());
+    node_leases(b, r).await;
+    annotations(b, r).await;
+    fairness(b, r).await;
+}
+
+/// Current resident set of process `pid`, in kB.
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn mib(kb: u64) -> f64 {
+    kb as f64 / 1024.0
+}
+
+/// Watch events the operator received for `kind` so far.
+async fn watch_events(b: &Bench, kind: &str) -> f64 {
+    let text = testkit::scrape(&b.metrics_addr, "/metrics").await;
+    operator_metric(&text, "leasekeeper_watch_events_total")
+        .iter()
+        .filter(|(k, _)| k.contains(&format!("kind=\"{kind}\"")))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Claims granted one after another on fresh Leases in one namespace, each deleted once
+/// granted, every `every`: when each started and how long its grant took.
+struct Probe {
+    samples: Arc<Mutex<Vec<(Instant, Duration)>>>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Probe {
+    async fn start(client: &Client, ns: &str, every: Duration) -> Probe {
+        testkit::create_namespace(client, ns, &[]).await;
+        let (seen, watch_task) = Seen::start(client, ns).await;
+        let api: Api<LockClaim> = Api::namespaced(client.clone(), ns);
+        let samples: Arc<Mutex<Vec<(Instant, Duration)>>> = Arc::default();
+        let (stop, mut stopped) = watch::channel(false);
+        let (ns, out) = (ns.to_string(), samples.clone());
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            for i in 0.. {
+                tokio::select! {
+                    _ = stopped.wait_for(|s| *s) => break,
+                    _ = tick.tick() => {}
+                }
+                let name = format!("p{i}");
+                let claim = LockClaim::new(&name, spec(&name, Renewal::Holder, 3600));
+                let t0 = Instant::now();
+                if api.create(&PostParams::default(), &claim).await.is_err() {
+                    continue;
+                }
+                let granted = seen
+                    .wait(&ns, &name, Phase::Granted, Duration::from_secs(60))
+                    .await;
+                if let Some(t) = granted {
+                    out.lock().expect("lock").push((t0, t - t0));
+                }
+                let _ = api.delete(&name, &DeleteParams::default()).await;
+            }
+            watch_task.abort();
+        });
+        Probe {
+            samples,
+            stop,
+            task,
+        }
+    }
+
+    fn taken(&self) -> Vec<(Instant, Duration)> {
+        self.samples.lock().expect("lock").clone()
+    }
+
+    async fn finish(self) -> Vec<(Instant, Duration)> {
+        let _ = self.stop.send(true);
+        let samples = self.samples.clone();
+        let _ = self.task.await;
+        let taken = samples.lock().expect("lock").clone();
+        taken
+    }
+}
+
+/// (a) The cost of `kube-node-lease` at scale.
+async fn node_leases(b: &Bench, r: &mut Report) {
+    let (n, window) = if b.args.smoke {
+        (50, Duration::from_secs(20))
+    } else {
+        (5000, Duration::from_secs(120))
+    };
+    let ns = "kube-node-lease";
+    testkit::create_namespace(&b.client, ns, &[]).await;
+    let leases: Api<Lease> = Api::namespaced(b.client.clone(), ns);
+    create_node_leases(&leases, n).await;
+    let idle = window_cost(b, &leases, 0, window, "bench-nodes-idle").await;
+    let churn = window_cost(b, &leases, n, window, "bench-nodes-churn").await;
+    let _ = leases
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await;
+    r.add(format!(
+        "### 6a. {n} node heartbeat Leases in `{ns}` renewed every 10 s, {} s windows, a claim granted every second meanwhile",
+        window.as_secs()
+    ));
+    r.add(String::new());
+    r.add("| window | heartbeat writes | operator Lease watch events | operator CPU | operator RSS at end | grant p99 ms (N) |");
+    r.add("|---|---|---|---|---|---|");
+    for (what, c) in [("idle", &idle), ("heartbeats", &churn)] {
+        r.add(format!(
+            "| {what} | {} | {:.0} | {:.2} s | {:.1} MiB | {} ({}) |",
+            c.writes,
+            c.watch_events,
+            c.cpu_s,
+            mib(c.rss_kb),
+            ms(c.grants.p99),
+            c.grants.n
+        ));
+    }
+    r.add(String::new());
+}
+
+struct WindowCost {
+    writes: usize,
+    watch_events: f64,
+    cpu_s: f64,
+    rss_kb: u64,
+    grants: Stats,
+}
+
+async fn create_node_leases(leases: &Api<Lease>, n: usize) {
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(format!("node-{i}")),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(format!("node-{i}")),
+                    lease_duration_seconds: Some(40),
+                    renew_time: Some(MicroTime(jiff::Timestamp::now())),
+                    ..LeaseSpec::default()
+                }),
+            };
+            async move {
+                let _ = leases.create(&PostParams::default(), &lease).await;
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await;
+}
+
+/// Operator cost over `window` while `n` heartbeat Leases are renewed every 10 s and a
+/// claim is granted every second in `probe_ns`.
+async fn window_cost(
+    b: &Bench,
+    leases: &Api<Lease>,
+    n: usize,
+    window: Duration,
+    probe_ns: &str,
+) -> WindowCost {
+    let (_, cpu0) = proc_stats(b.op_pid);
+    let events0 = watch_events(b, "Lease").await;
+    let probe = Probe::start(&b.client, probe_ns, Duration::from_secs(1)).await;
+    let deadline = Instant::now() + window;
+    let mut writes = 0;
+    while n > 0 && Instant::now() < deadline {
+        let round = Instant::now();
+        writes += renew_all(leases, n).await;
+        tokio::time::sleep_until((round + Duration::from_secs(10)).min(deadline)).await;
+    }
+    tokio::time::sleep_until(deadline).await;
+    let samples = probe.finish().await;
+    let (_, cpu1) = proc_stats(b.op_pid);
+    WindowCost {
+        writes,
+        watch_events: watch_events(b, "Lease").await - events0,
+        cpu_s: cpu1 - cpu0,
+        rss_kb: rss_kb(b.op_pid),
+        grants: stats(samples.into_iter().map(|s| s.1).collect()),
+    }
+}
+
+/// One heartbeat of every node Lease; returns the writes that succeeded.
+async fn renew_all(leases: &Api<Lease>, n: usize) -> usize {
+    let now = MicroTime(jiff::Timestamp::now());
+    let patch = serde_json::json!({"spec": {"renewTime": now}});
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let patch = &patch;
+            async move {
+                leases
+                    .patch(
+                        &format!("node-{i}"),
+                        &PatchParams::default(),
+                        &Patch::Merge(patch),
+                    )
+                    .await
+                    .is_ok()
+            }
+        })
+        .buffer_unordered(32)
+        .filter(|ok| std::future::ready(*ok))
+        .count()
+        .await
+}
+
+/// (b) What a claim's size costs the operator's memory.
+async fn annotations(b: &Bench, r: &mut Report) {
+    let n = if b.args.smoke { 50 } else { 1000 };
+    let ns = "bench-annotations";
+    testkit::create_namespace(&b.client, ns, &[]).await;
+    let (seen, _w) = Seen::start(&b.client, ns).await;
+    let api: Api<LockClaim> = Api::namespaced(b.client.clone(), ns);
+    let settle = Duration::from_secs(5);
+    tokio::time::sleep(settle).await;
+    let base = rss_kb(b.op_pid);
+    create_granted(&api, &seen, ns, "plain", n, 0).await;
+    tokio::time::sleep(settle).await;
+    let plain = rss_kb(b.op_pid);
+    create_granted(&api, &seen, ns, "big", n, 250_000).await;
+    tokio::time::sleep(settle).await;
+    let big = rss_kb(b.op_pid);
+    let _ = api
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await;
+    let (plain_d, big_d) = (mib(plain.saturating_sub(base)), mib(big.saturating_sub(plain)));
+    r.add(format!(
+        "### 6b. {n} plain claims, then {n} claims with a 250 KB annotation each (all granted)"
+    ));
+    r.add(String::new());
+    r.add("| measure | operator RSS |");
+    r.add("|---|---|");
+    r.add(format!("| before | {:.1} MiB |", mib(base)));
+    r.add(format!("| after {n} plain claims | {:.1} MiB (+{plain_d:.1}) |", mib(plain)));
+    r.add(format!(
+        "| after {n} annotated claims more | {:.1} MiB (+{big_d:.1}) |",
+        mib(big)
+    ));
+    r.add(String::new());
+    r.add(format!(
+        "{n} annotated claims cost {:.1} MiB more than {n} plain ones.",
+        big_d - plain_d
+    ));
+    r.add(String::new());
+}
+
+/// Creates `n` claims named `{prefix}{i}` on Leases of the same names, each with an
+/// annotation of `bytes` bytes if not 0, and waits until all are granted.
+async fn create_granted(
+    api: &Api<LockClaim>,
+    seen: &Seen,
+    ns: &str,
+    prefix: &str,
+    n: usize,
+    bytes: usize,
+) {
+    let blob = "x".repeat(bytes);
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let name = format!("{prefix}{i}");
+            let mut claim = LockClaim::new(&name, spec(&name, Renewal::Holder, 3600));
+            if bytes > 0 {
+                claim.metadata.annotations =
+                    Some([("bench.leasekeeper.io/blob".to_string(), blob.clone())].into());
+            }
+            async move {
+                api.create(&PostParams::default(), &claim)
+                    .await
+                    .expect("claim create");
+                seen.wait(ns, &name, Phase::Granted, Duration::from_secs(300))
+                    .await
+                    .expect("granted");
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+}
+
+/// (c) A quiet namespace's grants while another namespace churns.
+async fn fairness(b: &Bench, r: &mut Report) {
+    let (leases, idle_n) = if b.args.smoke { (20, 10) } else { (1000, 200) };
+    let every = Duration::from_millis(100);
+    let idle = Probe::start(&b.client, "bench-quiet-idle", every).await;
+    while idle.taken().len() < idle_n {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let idle = stats(idle.finish().await.into_iter().map(|s| s.1).collect());
+    let probe = Probe::start(&b.client, "bench-quiet", every).await;
+    let t0 = Instant::now();
+    let busy = ["bench-busy".to_string()];
+    let (settle, drain, total) = scale::scale(&b.client, &busy, leases, 10, "busy").await;
+    let samples = probe.finish().await;
+    let (creating, draining): (Vec<_>, Vec<_>) =
+        samples.into_iter().partition(|(at, _)| *at < t0 + settle);
+    let during = |v: Vec<(Instant, Duration)>| stats(v.into_iter().map(|s| s.1).collect());
+    let (creating, draining) = (during(creating), during(draining));
+    r.add(format!(
+        "### 6c. Grants in a quiet namespace (a claim every 100 ms) while namespace bench-busy takes {total} claims over {leases} Leases ({:.1} s to settle) and drains them ({:.1} s)",
+        settle.as_secs_f64(),
+        drain.as_secs_f64()
+    ));
+    r.add(String::new());
+    r.header();
+    r.row("quiet namespace, nothing else running", &idle);
+    r.row("quiet namespace, while bench-busy creates and settles", &creating);
+    r.row("quiet namespace, while bench-busy drains", &draining);
+    r.add(String::new());
+    let ratio = |s: &Stats| s.p99.as_secs_f64() / idle.p99.as_secs_f64().max(1e-9);
+    r.add(format!(
+        "Quiet-namespace grant p99 against idle: {:.1}x while bench-busy settles, {:.1}x while it drains.",
+        ratio(&creating),
+        ratio(&draining)
+    ));
+    r.add(String::new());
+}
