@@ -387,3 +387,125 @@ async fn chart_installs_and_its_service_account_runs_the_lifecycle() {
         .items
         .is_empty());
 }
+
+/// Applies (or deletes) rendered manifests with kubectl.
+fn kubectl_stdin(verb: &str, yaml: &str) {
+    use std::io::Write;
+    let mut child = support::kubectl()
+        .args([verb, "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(yaml.as_bytes())
+        .expect("write");
+    assert!(child.wait().expect("kubectl").success(), "kubectl {verb}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_claim_policy_refuses_claims_over_its_caps_in_selected_namespaces() {
+    use kube::api::{Patch, PatchParams, PostParams};
+    let admin = support::client().await;
+    let inside = support::namespace(&admin, "policy-in").await;
+    let outside = support::namespace(&admin, "policy-out").await;
+    let label = serde_json::json!({"metadata": {"labels": {"leasekeeper.io/policy-test": inside}}});
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone())
+        .patch(&inside, &PatchParams::default(), &Patch::Merge(&label))
+        .await
+        .expect("label namespace");
+    let release = format!("pol-{}", &inside[inside.len() - 8..]);
+    let selector =
+        format!("claimPolicy.namespaceSelector.matchLabels.leasekeeper\\.io/policy-test={inside}");
+    let (ok, yaml, err) = support::helm(&[
+        "template",
+        &release,
+        &chart(),
+        KUBE_VERSION,
+        "--set",
+        "claimPolicy.enabled=true",
+        "--set",
+        &selector,
+        "--show-only",
+        "templates/claim-policy.yaml",
+    ]);
+    assert!(ok, "{err}");
+    kubectl_stdin("apply", &yaml);
+    let dry = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let try_create = |ns: &str, edit: fn(&mut leasekeeper::api::LockClaimSpec)| {
+        let api: Api<LockClaim> = Api::namespaced(admin.clone(), ns);
+        let mut s = spec("db");
+        s.max_hold_seconds = Some(600);
+        edit(&mut s);
+        let claim = LockClaim::new("c", s);
+        let dry = dry.clone();
+        async move {
+            api.create(&dry, &claim)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    };
+    // The API server picks a new policy up within a second or so.
+    let mut refused = Ok(());
+    for _ in 0..100 {
+        refused = try_create(&inside, |s| s.priority = 1_000_000_000).await;
+        if refused.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let cases: [(fn(&mut leasekeeper::api::LockClaimSpec), &str); 5] = [
+        (|s| s.priority = 1001, "spec.priority may be at most 1000"),
+        (
+            |s| s.lock_delay_seconds = 3600,
+            "spec.lockDelaySeconds may be at most 60",
+        ),
+        (
+            |s| s.lease_duration_seconds = 301,
+            "spec.leaseDurationSeconds may be at most 300",
+        ),
+        (
+            |s| s.max_hold_seconds = None,
+            "spec.maxHoldSeconds is required",
+        ),
+        (
+            |s| s.max_hold_seconds = Some(3601),
+            "spec.maxHoldSeconds may be at most 3600",
+        ),
+    ];
+    let mut results = vec![("priority 1e9".to_string(), refused)];
+    for (edit, _) in &cases {
+        results.push(("case".into(), try_create(&inside, *edit).await));
+    }
+    let within = try_create(&inside, |s| {
+        s.priority = 1000;
+        s.lock_delay_seconds = 60;
+        s.lease_duration_seconds = 300;
+        s.max_hold_seconds = Some(3600);
+    })
+    .await;
+    let elsewhere = try_create(&outside, |s| {
+        s.priority = 1_000_000_000;
+        s.lock_delay_seconds = 3600;
+        s.max_hold_seconds = None;
+    })
+    .await;
+    kubectl_stdin("delete", &yaml);
+    let first = results[0].1.as_ref().expect_err("priority 1e9 accepted");
+    assert!(
+        first.contains("spec.priority may be at most 1000"),
+        "{first}"
+    );
+    for ((_, got), (_, expect)) in results[1..].iter().zip(cases.iter()) {
+        let e = got.as_ref().expect_err(expect);
+        assert!(e.contains(expect), "{expect}: {e}");
+    }
+    within.expect("a claim within every cap is accepted");
+    elsewhere.expect("namespaces the selector does not pick are not capped");
+}

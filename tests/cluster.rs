@@ -527,7 +527,7 @@ async fn rbac_and_foreign_lease(client: &Client) {
     let (_, can, _) = support::kubectl_run(&["auth", "can-i", "get", "secrets", "-A", "--as", &sa]);
     assert_eq!(can.trim(), "no");
     let (_, can, _) = support::kubectl_run(&[
-        "auth", "can-i", "update", "leases", "-n", "jobs", "--as", &sa,
+        "auth", "can-i", "patch", "leases", "-n", "jobs", "--as", &sa,
     ]);
     assert_eq!(
         can.trim(),

@@ -254,7 +254,10 @@ async fn annotations(b: &Bench, r: &mut Report) {
     let _ = api
         .delete_collection(&DeleteParams::default(), &ListParams::default())
         .await;
-    let (plain_d, big_d) = (mib(plain.saturating_sub(base)), mib(big.saturating_sub(plain)));
+    let (plain_d, big_d) = (
+        mib(plain.saturating_sub(base)),
+        mib(big.saturating_sub(plain)),
+    );
     r.add(format!(
         "### 6b. {n} plain claims, then {n} claims with a 250 KB annotation each (all granted)"
     ));
@@ -262,7 +265,10 @@ async fn annotations(b: &Bench, r: &mut Report) {
     r.add("| measure | operator RSS |");
     r.add("|---|---|");
     r.add(format!("| before | {:.1} MiB |", mib(base)));
-    r.add(format!("| after {n} plain claims | {:.1} MiB (+{plain_d:.1}) |", mib(plain)));
+    r.add(format!(
+        "| after {n} plain claims | {:.1} MiB (+{plain_d:.1}) |",
+        mib(plain)
+    ));
     r.add(format!(
         "| after {n} annotated claims more | {:.1} MiB (+{big_d:.1}) |",
         mib(big)
@@ -334,7 +340,10 @@ async fn fairness(b: &Bench, r: &mut Report) {
     r.add(String::new());
     r.header();
     r.row("quiet namespace, nothing else running", &idle);
-    r.row("quiet namespace, while bench-busy creates and settles", &creating);
+    r.row(
+        "quiet namespace, while bench-busy creates and settles",
+        &creating,
+    );
     r.row("quiet namespace, while bench-busy drains", &draining);
     r.add(String::new());
     let ratio = |s: &Stats| s.p99.as_secs_f64() / idle.p99.as_secs_f64().max(1e-9);
