@@ -405,6 +405,9 @@ fn kubectl_stdin(verb: &str, yaml: &str) {
     assert!(child.wait().expect("kubectl").success(), "kubectl {verb}");
 }
 
+/// A change to a claim's spec.
+type Edit = fn(&mut leasekeeper::api::LockClaimSpec);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chart_claim_policy_refuses_claims_over_its_caps_in_selected_namespaces() {
     use kube::api::{Patch, PatchParams, PostParams};
@@ -437,7 +440,7 @@ async fn chart_claim_policy_refuses_claims_over_its_caps_in_selected_namespaces(
         dry_run: true,
         ..PostParams::default()
     };
-    let try_create = |ns: &str, edit: fn(&mut leasekeeper::api::LockClaimSpec)| {
+    let try_create = |ns: &str, edit: Edit| {
         let api: Api<LockClaim> = Api::namespaced(admin.clone(), ns);
         let mut s = spec("db");
         s.max_hold_seconds = Some(600);
@@ -460,7 +463,7 @@ async fn chart_claim_policy_refuses_claims_over_its_caps_in_selected_namespaces(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let cases: [(fn(&mut leasekeeper::api::LockClaimSpec), &str); 5] = [
+    let cases: [(Edit, &str); 5] = [
         (|s| s.priority = 1001, "spec.priority may be at most 1000"),
         (
             |s| s.lock_delay_seconds = 3600,
