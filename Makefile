@@ -10,7 +10,7 @@ CARGO ?= cargo
 PROPTEST_CASES ?= 10000
 SOAK_CASES ?= 1000000
 
-.PHONY: all build release crd run test unit lint soak chart-test bench bench-smoke chaos chaos-smoke chaos-controls chaos-build plane-build plane-up plane-down image e2e-cluster node-up node-down dockerfile-replay
+.PHONY: all build release crd run test unit lint soak chart-test bench bench-smoke chaos chaos-smoke chaos-semaphore chaos-controls chaos-build plane-build plane-up plane-down image e2e-cluster node-up node-down dockerfile-replay
 
 all: build
 
@@ -22,8 +22,8 @@ release:
 
 ## Regenerate the committed CRD from the Rust types.
 crd:
-	$(CARGO) run --locked -q -- crd > crds/lockclaims.leasekeeper.io.yaml
-	cp crds/lockclaims.leasekeeper.io.yaml charts/leasekeeper/crds/
+	$(CARGO) run --locked -q -- crd --write-dir crds
+	cp crds/*.yaml charts/leasekeeper/crds/
 
 ## Build kube-apiserver, kubectl, kube-controller-manager, etcd and helm from Go modules (cached by version).
 plane-build:
@@ -136,11 +136,24 @@ chaos: plane-build chaos-build
 	  $(CHAOS_PLANE)-bin/lk-chaos run --plane $(CHAOS_PLANE) --bin $(CHAOS_PLANE)-bin --duration $(CHAOS_DURATION) $(CHAOS_ARGS) \
 	    --out bench/results/chaos-latest.md $(if $(SEED),--seed $(SEED)); rc=$$?; $(PLANE) down $(CHAOS_PLANE); exit $$rc
 
-## A short chaos run plus every negative control (part of CI).
+## The semaphore mode: one lock of capacity 3 with 6 holders, checked for at most 3
+## Granted at once and one per slot Lease, fenced registers per slot.
+SEMAPHORE_DURATION ?= 10m
+SEMAPHORE_ARGS := --leases 1 --capacity 3 --holders 6
+chaos-semaphore: plane-build chaos-build
+	rm -rf $(CHAOS_PLANE)-sem-bin && mkdir -p $(CHAOS_PLANE)-sem-bin && \
+	  cp $(CHAOS_BIN)/leasekeeper $(CHAOS_BIN)/lk-chaos $(CHAOS_PLANE)-sem-bin/ && \
+	  $(CHAOS_ETCD) $(PLANE) up $(CHAOS_PLANE)-sem && \
+	  $(CHAOS_PLANE)-sem-bin/lk-chaos run --plane $(CHAOS_PLANE)-sem --bin $(CHAOS_PLANE)-sem-bin --duration $(SEMAPHORE_DURATION) $(SEMAPHORE_ARGS) \
+	    --out bench/results/chaos-semaphore-latest.md $(if $(SEED),--seed $(SEED)); rc=$$?; $(PLANE) down $(CHAOS_PLANE)-sem; exit $$rc
+
+## A short chaos run, a short semaphore run, and every negative control (part of CI).
 chaos-smoke: plane-build chaos-build
 	$(CHAOS_ETCD) $(PLANE) up $(CHAOS_PLANE)-smoke && \
 	  $(CHAOS_BIN)/lk-chaos run --plane $(CHAOS_PLANE)-smoke --bin $(CHAOS_BIN) --duration 60s \
 	    --out target/chaos-smoke.md $(if $(SEED),--seed $(SEED)) && \
+	  $(CHAOS_BIN)/lk-chaos run --plane $(CHAOS_PLANE)-smoke --bin $(CHAOS_BIN) --duration 45s $(SEMAPHORE_ARGS) \
+	    --out target/chaos-semaphore-smoke.md $(if $(SEED),--seed $(SEED)) && \
 	  hack/chaos-controls.sh $(CHAOS_PLANE)-smoke $(CHAOS_BIN) 30s; rc=$$?; $(PLANE) down $(CHAOS_PLANE)-smoke; exit $$rc
 
 chaos-controls: plane-build chaos-build

@@ -14,8 +14,12 @@ struct Cli {
 enum Command {
     /// Run the controller against the cluster in KUBECONFIG (or in-cluster config).
     Run(Box<RunArgs>),
-    /// Print the LockClaim CustomResourceDefinition as YAML.
-    Crd,
+    /// Print the CustomResourceDefinitions (LockClaim, Lock) as YAML documents.
+    Crd {
+        /// Write each to DIR/<crd name>.yaml instead (what `make crd` commits).
+        #[arg(long, value_name = "DIR")]
+        write_dir: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -61,15 +65,33 @@ fn tune_allocator() {
     }
 }
 
+/// Prints every CRD (documents separated by `---`), or writes each to its own file.
+fn print_crds(dir: Option<&std::path::Path>) -> Result<(), String> {
+    let mut docs = Vec::new();
+    for crd in leasekeeper::api::crds() {
+        let yaml =
+            leasekeeper::api::crd_yaml_of(&crd).map_err(|e| format!("cannot render a CRD: {e}"))?;
+        match dir {
+            Some(d) => {
+                let path = d.join(format!("{}.yaml", crd.metadata.name.unwrap_or_default()));
+                std::fs::write(&path, yaml)
+                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            }
+            None => docs.push(yaml),
+        }
+    }
+    if !docs.is_empty() {
+        print!("{}", docs.join("---\n"));
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> std::process::ExitCode {
     match cli.command {
-        Command::Crd => match leasekeeper::api::crd_yaml() {
-            Ok(yaml) => {
-                print!("{yaml}");
-                std::process::ExitCode::SUCCESS
-            }
+        Command::Crd { write_dir } => match print_crds(write_dir.as_deref()) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: cannot render the CRD: {e}");
+                eprintln!("error: {e}");
                 std::process::ExitCode::FAILURE
             }
         },

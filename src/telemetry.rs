@@ -92,6 +92,15 @@ pub struct KindLabel {
     pub kind: String,
 }
 
+/// Label set of a lock: its `namespace` and `lock` name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LockLabel {
+    /// The namespace.
+    pub namespace: String,
+    /// The lock (its Lock object's name).
+    pub lock: String,
+}
+
 /// Label set carrying a write `kind`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WriteLabel {
@@ -154,6 +163,12 @@ pub struct Metrics {
     pub step_downs: Family<ReasonLabel, Counter>,
     /// Events dropped because the publishing queue was full.
     pub events_dropped: Counter,
+    /// Waiting claims that gave up (acquireTimeoutSeconds).
+    pub acquire_timeouts: Counter,
+    /// Claims holding each lock that has a Lock object.
+    pub lock_held: Family<LockLabel, Gauge>,
+    /// Claims waiting for each lock that has a Lock object.
+    pub lock_waiting: Family<LockLabel, Gauge>,
     /// Watch events received, by kind (what the rest of the cluster costs the operator).
     pub watch_events: Family<KindLabel, Counter>,
     registry: Registry,
@@ -192,6 +207,9 @@ impl Metrics {
             step_downs: Family::default(),
             events_dropped: Counter::default(),
             watch_events: Family::default(),
+            acquire_timeouts: Counter::default(),
+            lock_held: Family::default(),
+            lock_waiting: Family::default(),
             registry: Registry::with_prefix("leasekeeper"),
         };
         let r = &mut m.registry;
@@ -258,6 +276,21 @@ impl Metrics {
             "events_dropped",
             "Events dropped because the rate-limited publishing queue was full",
             m.events_dropped.clone(),
+        );
+        r.register(
+            "lock_held",
+            "Claims holding the lock, for each lock with a Lock object (series removed with the Lock)",
+            m.lock_held.clone(),
+        );
+        r.register(
+            "lock_waiting",
+            "Claims waiting for the lock, for each lock with a Lock object (series removed with the Lock)",
+            m.lock_waiting.clone(),
+        );
+        r.register(
+            "acquire_timeouts",
+            "Waiting claims that were not granted within acquireTimeoutSeconds (try-lock included)",
+            m.acquire_timeouts.clone(),
         );
         r.register(
             "watch_events",

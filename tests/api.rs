@@ -23,15 +23,20 @@ fn yaml_files(dir: &str) -> Vec<PathBuf> {
 }
 
 #[test]
-fn committed_crd_matches_the_rust_types() {
-    let generated = leasekeeper::api::crd_yaml().expect("CRD renders");
-    let committed =
-        std::fs::read_to_string(support::root().join("crds/lockclaims.leasekeeper.io.yaml"))
-            .expect("crds/lockclaims.leasekeeper.io.yaml exists");
-    assert!(
-        generated == committed,
-        "crds/lockclaims.leasekeeper.io.yaml is stale: run `make crd` and commit the result"
-    );
+fn committed_crds_match_the_rust_types() {
+    for crd in leasekeeper::api::crds() {
+        let file = format!(
+            "crds/{}.yaml",
+            crd.metadata.name.clone().unwrap_or_default()
+        );
+        let generated = leasekeeper::api::crd_yaml_of(&crd).expect("CRD renders");
+        let committed = std::fs::read_to_string(support::root().join(&file))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(
+            generated == committed,
+            "{file} is stale: run `make crd` and commit the result"
+        );
+    }
 }
 
 #[tokio::test]
@@ -58,7 +63,7 @@ async fn crd_installs_and_is_established() {
         crd.spec.names.short_names,
         Some(vec!["lc".into(), "lockclaim".into()])
     );
-    assert_eq!(crd.spec.names.categories, Some(vec!["locks".into()]));
+    assert_eq!(crd.spec.names.categories, Some(vec!["leasekeeper".into()]));
     let version = &crd.spec.versions[0];
     assert!(version
         .subresources
@@ -72,7 +77,7 @@ async fn crd_installs_and_is_established() {
         .collect();
     assert_eq!(
         columns,
-        ["LEASE", "HOLDER", "PHASE", "POSITION", "TOKEN", "AGE"]
+        ["LOCK", "LEASE", "HOLDER", "PHASE", "POSITION", "TOKEN", "AGE"]
     );
 }
 
@@ -82,17 +87,21 @@ async fn every_example_is_accepted_by_kubectl_apply() {
     let ns = support::namespace(&client, "api-examples").await;
     let files = yaml_files("examples");
     assert!(files.len() >= 3, "examples/ holds the documented manifests");
+    let mut expected = 0;
     for file in files {
+        let text = std::fs::read_to_string(&file).expect("example");
+        expected += text.lines().filter(|l| *l == "kind: LockClaim").count();
         let (ok, out, err) = support::kubectl_run(&["apply", "-n", &ns, "-f", path_str(&file)]);
         assert!(ok, "{} was rejected: {err}", file.display());
         assert!(out.contains("created"), "{}: {out}", file.display());
     }
     let (ok, out, _) = support::kubectl_run(&["get", "lc", "-n", &ns, "-o", "name"]);
     assert!(ok);
+    assert!(expected >= 5, "the examples hold claims");
     assert_eq!(
         out.lines().count(),
-        5,
-        "five claims from three files: {out}"
+        expected,
+        "every claim of the examples exists: {out}"
     );
 }
 
@@ -181,6 +190,7 @@ async fn changing_an_immutable_field_is_rejected_and_release_is_one_way() {
             release: false,
             max_hold_seconds: None,
             ttl_seconds_after_finished: None,
+            acquire_timeout_seconds: Some(3600),
         },
     );
     claims
@@ -204,6 +214,10 @@ async fn changing_an_immutable_field_is_rejected_and_release_is_one_way() {
         (
             serde_json::json!({"spec": {"ttlSecondsAfterFinished": 5}}),
             "spec.ttlSecondsAfterFinished",
+        ),
+        (
+            serde_json::json!({"spec": {"acquireTimeoutSeconds": 5}}),
+            "spec.acquireTimeoutSeconds",
         ),
     ] {
         let err = claims

@@ -26,19 +26,20 @@ fn kinds(yaml: &str) -> Vec<String> {
 }
 
 #[test]
-fn chart_crd_is_the_generated_crd() {
-    let top = std::fs::read_to_string(support::root().join("crds/lockclaims.leasekeeper.io.yaml"))
-        .expect("crd");
-    let chart = std::fs::read_to_string(
-        support::root()
-            .join(CHART)
-            .join("crds/lockclaims.leasekeeper.io.yaml"),
-    )
-    .expect("chart crd");
-    assert!(
-        top == chart,
-        "charts/leasekeeper/crds differs from crds/: run `make crd`"
-    );
+fn chart_crds_are_the_generated_crds() {
+    for crd in leasekeeper::api::crds() {
+        let file = format!(
+            "crds/{}.yaml",
+            crd.metadata.name.clone().unwrap_or_default()
+        );
+        let top = std::fs::read_to_string(support::root().join(&file)).expect("crd");
+        let chart = std::fs::read_to_string(support::root().join(CHART).join(&file))
+            .unwrap_or_else(|e| panic!("chart {file}: {e}"));
+        assert!(
+            top == chart,
+            "charts/leasekeeper/{file} differs from {file}: run `make crd`"
+        );
+    }
 }
 
 #[test]

@@ -233,7 +233,7 @@ async fn granted_within(api: &Api<LockClaim>, name: &str, limit: Duration) -> bo
 fn check(history: &recorder::History, what: &str) -> checker::Report {
     let obs = history.lock().expect("lock").clone();
     let mut r = checker::Report::default();
-    checker::replay_claims(&obs, &mut r);
+    checker::replay_claims(&obs, 1, &mut r);
     checker::replay_merged(&obs, Duration::ZERO, &mut r);
     for (k, v) in &r.violations {
         assert!(v.is_empty(), "{what}: {k}: {v:?}");
@@ -362,6 +362,12 @@ async fn examples_and_job(client: &Client) {
         assert!(t0.elapsed() < T, "examples not arbitrated: {on_gpu:#?}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // examples/semaphore.yaml: a Lock of capacity 3; three hold it, the fourth waits.
+    for n in ["etl-a", "etl-b", "etl-c"] {
+        wait_phase(&claims, n, Phase::Granted, T).await;
+    }
+    let d = wait_phase(&claims, "etl-d", Phase::Pending, T).await;
+    assert_eq!(d.status.and_then(|s| s.queue_position), Some(1));
     support::create_namespace(client, "jobs", &[]).await;
     kubectl_stdin(&["apply", "-n", "jobs", "-f", "-"], JOB);
     let jobs: Api<LockClaim> = Api::namespaced(client.clone(), "jobs");

@@ -14,6 +14,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+mod lock;
+pub use lock::{
+    parse_slot_lease, slot_lease, Lock, LockHolder, LockSpec, LockStatus, MAX_CAPACITY,
+    MIN_CAPACITY,
+};
+
 /// The API group of every leasekeeper resource.
 pub const GROUP: &str = "leasekeeper.io";
 /// The only served version.
@@ -47,14 +53,20 @@ pub const MAX_SECONDS_FIELD: i64 = 31_536_000;
     status = "LockClaimStatus",
     shortname = "lc",
     shortname = "lockclaim",
-    category = "locks",
+    category = "leasekeeper",
     derive = "PartialEq",
     doc = "LockClaim asks leasekeeper for a coordination.k8s.io/v1 Lease in the same namespace. The operator grants the Lease to one claim at a time, queues the others, expires holders that stop renewing, and hands the Lease on. Wait for it with `kubectl wait --for=condition=Granted lockclaim/NAME`.",
     printcolumn(
-        name = "Lease",
+        name = "Lock",
         type_ = "string",
         json_path = ".spec.leaseName",
-        description = "The Lease this claim contends for"
+        description = "The lock (Lease name) this claim contends for"
+    ),
+    printcolumn(
+        name = "Lease",
+        type_ = "string",
+        json_path = ".status.lease",
+        description = "The Lease this claim holds or last held (a slot Lease of a lock with capacity)"
     ),
     printcolumn(
         name = "Holder",
@@ -66,7 +78,7 @@ pub const MAX_SECONDS_FIELD: i64 = 31_536_000;
         name = "Phase",
         type_ = "string",
         json_path = ".status.phase",
-        description = "Pending, Granted, Released, Expired or Rejected"
+        description = "Pending, Granted, Released, Expired, TimedOut or Rejected"
     ),
     printcolumn(
         name = "Position",
@@ -93,6 +105,9 @@ pub const MAX_SECONDS_FIELD: i64 = 31_536_000;
     "has(self.maxHoldSeconds) == has(oldSelf.maxHoldSeconds) && (!has(self.maxHoldSeconds) || self.maxHoldSeconds == oldSelf.maxHoldSeconds)"
 ).message("spec.maxHoldSeconds is immutable: it cannot be added, changed or removed after the claim is created").field_path(".maxHoldSeconds"))]
 #[x_kube(validation = Rule::new(
+    "has(self.acquireTimeoutSeconds) == has(oldSelf.acquireTimeoutSeconds) && (!has(self.acquireTimeoutSeconds) || self.acquireTimeoutSeconds == oldSelf.acquireTimeoutSeconds)"
+).message("spec.acquireTimeoutSeconds is immutable: it cannot be added, changed or removed after the claim is created").field_path(".acquireTimeoutSeconds"))]
+#[x_kube(validation = Rule::new(
     "has(self.ttlSecondsAfterFinished) == has(oldSelf.ttlSecondsAfterFinished) && (!has(self.ttlSecondsAfterFinished) || self.ttlSecondsAfterFinished == oldSelf.ttlSecondsAfterFinished)"
 ).message("spec.ttlSecondsAfterFinished is immutable: it cannot be added, changed or removed after the claim is created").field_path(".ttlSecondsAfterFinished"))]
 #[serde(rename_all = "camelCase")]
@@ -105,6 +120,7 @@ pub struct LockClaimSpec {
         "self.size() <= 253 && self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')"
     ).message("spec.leaseName must be a DNS-1123 subdomain: lower-case letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters"))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.leaseName is immutable"))]
+    #[x_kube(validation = Rule::new("!self.matches('-slot-[0-9]+$')").message("spec.leaseName must not end in -slot-<digits>: such names are the slot Leases of locks with capacity (name the lock instead)"))]
     #[schemars(length(min = 1, max = 253))]
     pub lease_name: String,
 
@@ -164,6 +180,14 @@ pub struct LockClaimSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 31536000").message("spec.ttlSecondsAfterFinished must be between 0 and 31536000"))]
     pub ttl_seconds_after_finished: Option<i64>,
+
+    /// Give up if not granted within this many seconds of the claim's creation: the
+    /// claim becomes TimedOut (reason AcquireTimeout) and ttlSecondsAfterFinished
+    /// applies. 0 is try-lock: granted only if the lock is free when the claim is first
+    /// arbitrated, TimedOut otherwise. 0 to 31536000; unset waits for ever. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 31536000").message("spec.acquireTimeoutSeconds must be between 0 and 31536000"))]
+    pub acquire_timeout_seconds: Option<i64>,
 }
 
 fn default_lease_duration() -> i32 {
@@ -183,6 +207,7 @@ impl LockClaimSpec {
             release: false,
             max_hold_seconds: None,
             ttl_seconds_after_finished: None,
+            acquire_timeout_seconds: None,
         }
     }
 }
@@ -212,12 +237,17 @@ pub enum Phase {
     Expired,
     /// Can never be granted (for example a duplicate holderIdentity); terminal.
     Rejected,
+    /// Not granted within spec.acquireTimeoutSeconds; terminal.
+    TimedOut,
 }
 
 impl Phase {
-    /// Released, Expired and Rejected claims never change again.
+    /// Released, Expired, Rejected and TimedOut claims never change again.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Phase::Released | Phase::Expired | Phase::Rejected)
+        matches!(
+            self,
+            Phase::Released | Phase::Expired | Phase::Rejected | Phase::TimedOut
+        )
     }
 }
 
@@ -225,7 +255,7 @@ impl Phase {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LockClaimStatus {
-    /// Pending, Granted, Released, Expired or Rejected: a summary for printer columns.
+    /// Pending, Granted, Released, Expired, TimedOut or Rejected: a summary for printer columns.
     /// The operator owns the whole status; users should not be given write access to
     /// the status subresource.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -234,7 +264,7 @@ pub struct LockClaimStatus {
     /// Standard conditions. Type Granted is True while this claim holds the Lease; its
     /// reason says why not otherwise (Queued, HeldExternally, LockDelay,
     /// LeaseNotManaged, DuplicateIdentity, Released, Expired, MaxHoldExceeded,
-    /// LeaseLost). Type Finished turns True when the claim reaches a terminal phase.
+    /// LeaseLost, AcquireTimeout). Type Finished turns True when the claim reaches a terminal phase.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
@@ -242,6 +272,18 @@ pub struct LockClaimStatus {
     /// Who holds the Lease now, so that a waiting claim can see whom it waits on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holder_identity: Option<String>,
+
+    /// The Lease this claim holds (or last held): the Lease named by spec.leaseName, or
+    /// for a lock with capacity one of its slot Leases. A Holder-renewal holder renews
+    /// this Lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+
+    /// The slot of the lock this claim holds (or last held): 0 is the Lease named
+    /// spec.leaseName, i the Lease <leaseName>-slot-<i>.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 999))]
+    pub slot: Option<i32>,
 
     /// Place in the queue: 1 = next in line. Absent unless Pending.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -297,11 +339,33 @@ impl LockClaim {
     }
 }
 
-/// The CRD, with doc-comment line breaks unwrapped so that `kubectl explain` can
-/// re-flow the text (a blank line still separates paragraphs).
+/// The LockClaim CRD, with doc-comment line breaks unwrapped so that `kubectl explain`
+/// can re-flow the text (a blank line still separates paragraphs).
 pub fn crd() -> CustomResourceDefinition {
     use kube::CustomResourceExt;
-    let mut crd = LockClaim::crd();
+    unwrapped(LockClaim::crd())
+}
+
+/// The Lock CRD (see [`crd`]), with a rule on its root that refuses names of slot
+/// Leases.
+pub fn lock_crd() -> CustomResourceDefinition {
+    use kube::CustomResourceExt;
+    let mut crd = unwrapped(Lock::crd());
+    for version in &mut crd.spec.versions {
+        if let Some(root) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            root.x_kubernetes_validations
+                .get_or_insert_with(Vec::new)
+                .push(lock::name_rule());
+        }
+    }
+    crd
+}
+
+fn unwrapped(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
     for version in &mut crd.spec.versions {
         if let Some(schema) = version
             .schema
@@ -332,10 +396,16 @@ fn unwrap_descriptions(schema: &mut JSONSchemaProps) {
 
 /// Every CRD leasekeeper serves, in the order they are installed.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![crd()]
+    vec![crd(), lock_crd()]
 }
 
-/// The CRD as YAML, exactly as `leasekeeper crd` prints it and `crds/` commits it.
+/// A CRD as YAML, exactly as `leasekeeper crd` prints it and `crds/` commits it (one
+/// file per CRD, named after it).
+pub fn crd_yaml_of(crd: &CustomResourceDefinition) -> Result<String, serde_yaml::Error> {
+    serde_yaml::to_string(crd)
+}
+
+/// The LockClaim CRD as YAML (see [`crd_yaml_of`]).
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
-    serde_yaml::to_string(&crd())
+    crd_yaml_of(&crd())
 }

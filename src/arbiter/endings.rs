@@ -28,6 +28,7 @@ pub(super) fn mark(v: &View<'_>, ends: &Ends, free: &Free<'_>, d: &mut Draft) {
             End::Released => (false, Reason::Released),
             End::Expired(_) => (true, Reason::Expired),
             End::Rejected => (true, Reason::Rejected),
+            End::TimedOut => (true, Reason::AcquireTimeout),
         };
         notes.push(Note {
             target: Target::Claim(name(c)),
@@ -35,6 +36,9 @@ pub(super) fn mark(v: &View<'_>, ends: &Ends, free: &Free<'_>, d: &mut Draft) {
             reason,
             message: msg,
         });
+        if end == End::TimedOut {
+            d.plan.outcomes.push(Outcome::TimedOut);
+        }
         if was_holder {
             d.plan.outcomes.push(match end {
                 End::Expired(r) => Outcome::Expired(r),
@@ -61,6 +65,17 @@ fn verdict(lease: &str, c: &LockClaim, end: End) -> (Phase, Reason, String) {
             format!("released Lease {lease}"),
         ),
         End::Expired(r) => (Phase::Expired, r, expiry_message(r, lease, c)),
+        End::TimedOut => (
+            Phase::TimedOut,
+            Reason::AcquireTimeout,
+            match c.spec.acquire_timeout_seconds {
+                Some(0) => format!("Lease {lease} was not free (try-lock)"),
+                t => format!(
+                    "not granted Lease {lease} within acquireTimeoutSeconds={}",
+                    t.unwrap_or_default()
+                ),
+            },
+        ),
         End::Rejected => (
             Phase::Rejected,
             Reason::DuplicateIdentity,

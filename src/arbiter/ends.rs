@@ -1,5 +1,7 @@
 //! Phase 2, what ends: claims that want out, holders that lost the Lease, a holder no
-//! longer entitled to it (missed renewals, maxHoldSeconds), duplicate identities.
+//! longer entitled to it (missed renewals, maxHoldSeconds), duplicate identities,
+//! waiters past their acquireTimeoutSeconds (try-lock claims once the grant is decided:
+//! [`try_locks`]).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -51,7 +53,45 @@ pub(super) fn decide(v: &View<'_>, d: &mut Draft) -> Ends {
         holder_entitlement(v, h, d, &mut e);
     }
     duplicates(v, &mut e);
+    timeouts(v, d, &mut e);
     e
+}
+
+/// Whether `c` waits (live, not holding, not ending).
+fn waits(v: &View<'_>, e: &Ends, c: &LockClaim) -> bool {
+    c.phase() != Some(Phase::Granted) && !v.is_holder(c) && !e.ends(c)
+}
+
+/// Waiters whose acquireTimeoutSeconds ran out since their creation. creationTimestamp
+/// has one-second precision, so the deadline is rounded up: never early.
+fn timeouts(v: &View<'_>, d: &mut Draft, e: &mut Ends) {
+    let waiting: Vec<&LockClaim> = v.live.iter().copied().filter(|c| waits(v, e, c)).collect();
+    for c in waiting {
+        let Some(t) = c.spec.acquire_timeout_seconds.filter(|t| *t > 0) else {
+            continue;
+        };
+        let Some(created) = super::created(c) else {
+            continue;
+        };
+        let deadline = add_secs(created, t.saturating_add(1));
+        if v.now.wall >= deadline {
+            e.end(c, End::TimedOut);
+        } else {
+            d.due.wall(v.now.wall, deadline);
+        }
+    }
+}
+
+/// Try-lock claims (acquireTimeoutSeconds 0) that are not granted in this plan: once
+/// the grant is decided, every other one times out.
+pub(super) fn try_locks(v: &View<'_>, next: Option<&LockClaim>, e: &mut Ends) {
+    let next = next.map(name);
+    for c in &v.live {
+        let try_lock = c.spec.acquire_timeout_seconds == Some(0);
+        if try_lock && waits(v, e, c) && Some(name(c)) != next {
+            e.end(c, End::TimedOut);
+        }
+    }
 }
 
 /// Is the holder claim still entitled to the Lease? A Holder-renewal claim whose

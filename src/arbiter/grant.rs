@@ -70,7 +70,7 @@ fn grant(v: &View<'_>, free: &Free<'_>, c: &LockClaim, d: &mut Draft) {
         renewed: Some(now.wall),
         token: None,
     };
-    let (st, msg) = status::granted(c, v.lease_name(), g, now.wall);
+    let (st, msg) = status::granted(c, v.lease_name(), v.input.slot, g, now.wall);
     d.push(Step::SetStatus {
         claim: name(c),
         status: st,
@@ -131,7 +131,7 @@ fn complete_grant(v: &View<'_>, hc: &LockClaim, l: &Lease, d: &mut Draft) {
         token: lease::token(l),
     };
     d.plan.memory.acquired = Some((name(hc), g.acquired));
-    let (st, msg) = status::granted(hc, v.lease_name(), g, v.now.wall);
+    let (st, msg) = status::granted(hc, v.lease_name(), v.input.slot, g, v.now.wall);
     d.push(Step::SetStatus {
         claim: name(hc),
         status: st,

@@ -36,6 +36,7 @@ mod finalizers;
 mod free;
 mod grant;
 mod lease;
+mod lock;
 mod queue;
 mod reason;
 mod status;
@@ -43,11 +44,16 @@ mod verify;
 mod view;
 
 pub use lease::{is_managed, slim as slim_lease, takeover_allowed, update_patch, writable};
+pub use lock::{decide_lock, LockInput, LockMemory, LockPlan, LockStep};
 pub use reason::{End, Reason};
 pub use view::min_takeover_grace;
 
 #[cfg(test)]
+mod lock_tests;
+#[cfg(test)]
 mod sim;
+#[cfg(test)]
+mod sim_lock;
 #[cfg(test)]
 mod tests;
 
@@ -256,6 +262,8 @@ pub enum Outcome {
     Expired(Reason),
     /// The Lease was garbage-collected.
     GarbageCollected,
+    /// A waiting claim gave up (acquireTimeoutSeconds).
+    TimedOut,
 }
 
 /// The arbiter's answer for one Lease.
@@ -275,12 +283,21 @@ pub struct Plan {
     /// Whether any live claim names this Lease (if not, and the Lease is not managed,
     /// the caller may forget the memory).
     pub has_live_claims: bool,
+    /// Whether the Lease could be granted to a waiting claim now (nobody keeps it, no
+    /// live outsider, no lock delay, ours to write): a lock with capacity hands such a
+    /// slot to its next waiter.
+    pub free: bool,
+    /// The claim that holds the Lease once this plan is written.
+    pub holder_after: Option<String>,
 }
 
 /// Everything the arbiter looks at for one Lease name.
 pub struct Input<'a> {
     /// The Lease name.
     pub lease_name: &'a str,
+    /// Which slot of its lock the Lease is (0: the Lease named like the lock), written
+    /// into a Granted claim's status with the Lease name.
+    pub slot: u32,
     /// All claims in the namespace whose spec.leaseName is `lease_name`.
     pub claims: &'a [&'a LockClaim],
     /// The Lease as read, if it exists.
@@ -299,8 +316,12 @@ pub fn decide(input: &Input<'_>) -> Plan {
     let mut d = Draft::new(input);
     let v = view::View::observe(input, &mut d.plan.memory);
     d.plan.has_live_claims = !v.live.is_empty();
-    let ends = ends::decide(&v, &mut d);
+    let mut ends = ends::decide(&v, &mut d);
     let free = free::decide(&v, &ends, &mut d);
+    ends::try_locks(&v, free.next, &mut ends);
+    d.plan.free =
+        free.holder_stays.is_none() && !free.outsider_alive && !free.in_lock_delay && !free.foreign;
+    d.plan.holder_after = free.next.or(free.holder_stays).map(name);
 
     verify::before_verdicts(&v, &ends, &free, &mut d);
     endings::mark(&v, &ends, &free, &mut d);

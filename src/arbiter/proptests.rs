@@ -21,6 +21,8 @@ enum Op {
         /// The claim names the outsider's identity (an attempt to adopt its Lease).
         adopt: bool,
         max_hold: Option<i64>,
+        /// acquireTimeoutSeconds (0: try-lock).
+        timeout: Option<i64>,
     },
     Delete(u8),
     /// Deleted and created again under the same name (a new uid), seen as one change.
@@ -55,8 +57,8 @@ enum Op {
 
 fn leaf() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (0u8..6, -2i32..3, any::<bool>(), 2i32..12, 0i32..4, proptest::bool::weighted(0.15), proptest::bool::weighted(0.1), proptest::option::weighted(0.15, 5i64..40))
-            .prop_map(|(id, priority, holder, duration, lock_delay, dup, adopt, max_hold)| Op::Create { id, priority, holder, duration, lock_delay, dup, adopt, max_hold }),
+        3 => (0u8..6, -2i32..3, any::<bool>(), 2i32..12, 0i32..4, proptest::bool::weighted(0.15), proptest::bool::weighted(0.1), proptest::option::weighted(0.15, 5i64..40), proptest::option::weighted(0.15, prop_oneof![Just(0i64), 1i64..20]))
+            .prop_map(|(id, priority, holder, duration, lock_delay, dup, adopt, max_hold, timeout)| Op::Create { id, priority, holder, duration, lock_delay, dup, adopt, max_hold, timeout }),
         1 => (0u8..6).prop_map(Op::Delete),
         1 => (0u8..6).prop_map(Op::Recreate),
         1 => Just(Op::Stretch),
@@ -101,6 +103,7 @@ fn run(w: &mut World, op: &Op) {
             dup,
             adopt,
             max_hold,
+            timeout,
         } => {
             if w.claims.contains_key(&name(*id)) {
                 return;
@@ -114,6 +117,7 @@ fn run(w: &mut World, op: &Op) {
             };
             s.lock_delay_seconds = *lock_delay;
             s.max_hold_seconds = *max_hold;
+            s.acquire_timeout_seconds = *timeout;
             if *dup {
                 s.holder_identity = Some("dup".into());
             }

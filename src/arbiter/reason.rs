@@ -33,6 +33,8 @@ pub enum Reason {
     Rejected,
     /// An object the operator cannot decode (Event reason).
     InvalidObject,
+    /// Not granted within spec.acquireTimeoutSeconds (try-lock: not at once).
+    AcquireTimeout,
 }
 
 impl Reason {
@@ -53,6 +55,7 @@ impl Reason {
             Reason::LeaseGarbageCollected => "LeaseGarbageCollected",
             Reason::Rejected => "Rejected",
             Reason::InvalidObject => "InvalidObject",
+            Reason::AcquireTimeout => "AcquireTimeout",
         }
     }
 
@@ -87,6 +90,8 @@ pub enum End {
     Expired(Reason),
     /// Can never be granted (a duplicate identity).
     Rejected,
+    /// Waited past spec.acquireTimeoutSeconds.
+    TimedOut,
 }
 
 impl End {

@@ -98,6 +98,7 @@ pub fn spec(lease_duration: i32) -> LockClaimSpec {
         release: false,
         max_hold_seconds: None,
         ttl_seconds_after_finished: None,
+        acquire_timeout_seconds: None,
     }
 }
 
@@ -284,6 +285,7 @@ impl World {
         let claims: Vec<&LockClaim> = self.claims.values().collect();
         decide(&Input {
             lease_name: LEASE,
+            slot: 0,
             claims: &claims,
             lease: self.lease.as_ref(),
             memory: &self.memory,
@@ -298,6 +300,7 @@ impl World {
         let claims: Vec<&LockClaim> = self.claims.values().collect();
         decide(&Input {
             lease_name: LEASE,
+            slot: 0,
             claims: &claims,
             lease,
             memory: &self.memory,
@@ -468,6 +471,9 @@ impl World {
                         .iter()
                         .any(|x| x.reason == super::Reason::Expired.as_str());
                 let identity = c.identity();
+                let timed_out_holding = st.phase == Some(Phase::TimedOut) && was_granted;
+                let try_lock_queued =
+                    st.phase == Some(Phase::Pending) && c.spec.acquire_timeout_seconds == Some(0);
                 let lost_lease = st.phase == Some(Phase::Expired)
                     && st
                         .conditions
@@ -482,6 +488,14 @@ impl World {
                     }
                     self.max_token = token;
                     self.grants += 1;
+                }
+                if timed_out_holding {
+                    self.violations
+                        .push(format!("{identity} timed out while Granted"));
+                }
+                if try_lock_queued {
+                    self.violations
+                        .push(format!("try-lock claim {identity} was queued"));
                 }
                 if lost_lease && self.grant_names(claim, &identity) {
                     self.violations.push(format!(

@@ -29,11 +29,14 @@ pub(super) struct Grant {
 pub(super) fn granted(
     c: &LockClaim,
     lease: &str,
+    slot: u32,
     g: Grant,
     now: Timestamp,
 ) -> (LockClaimStatus, String) {
     let mut st = base(c);
     st.phase = Some(Phase::Granted);
+    st.lease = Some(lease.to_string());
+    st.slot = Some(i32::try_from(slot).unwrap_or(i32::MAX));
     st.queue_position = None;
     st.holder_identity = Some(c.identity());
     st.acquire_time = Some(Time(g.acquired));

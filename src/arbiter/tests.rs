@@ -936,3 +936,82 @@ fn a_waiter_pushed_back_by_a_higher_priority_claim_is_told_at_once() {
         "moving back is written at once"
     );
 }
+
+#[test]
+fn a_waiter_past_its_acquire_timeout_times_out_and_finishes_and_the_holder_keeps_the_lease() {
+    let mut w = World::default();
+    w.create("holder", spec(15));
+    w.settle();
+    let mut s = spec(15);
+    s.acquire_timeout_seconds = Some(5);
+    s.ttl_seconds_after_finished = Some(30);
+    w.create("impatient", s);
+    w.settle();
+    assert_eq!(w.status("impatient").phase, Some(Phase::Pending));
+    // creationTimestamp has one-second precision: never early, at most a second late.
+    w.advance(secs(5));
+    w.settle();
+    assert_eq!(w.status("impatient").phase, Some(Phase::Pending), "early");
+    w.advance(secs(1) + Duration::from_millis(10));
+    w.settle();
+    let st = w.status("impatient");
+    assert_eq!(st.phase, Some(Phase::TimedOut));
+    let granted = w.claims["impatient"].condition(CONDITION_GRANTED).cloned();
+    assert_eq!(
+        granted.map(|c| (c.status, c.reason)),
+        Some(("False".into(), Reason::AcquireTimeout.as_str().into()))
+    );
+    assert_eq!(
+        w.claims["impatient"]
+            .condition(CONDITION_FINISHED)
+            .map(|c| c.status.as_str()),
+        Some("True")
+    );
+    assert!(reasons(&w, "impatient").contains(&Reason::AcquireTimeout.as_str()));
+    assert_eq!(w.status("holder").phase, Some(Phase::Granted));
+    // ttlSecondsAfterFinished applies to a timed-out claim.
+    w.advance(secs(32));
+    w.settle();
+    assert!(!w.claims.contains_key("impatient"), "deleted by its TTL");
+}
+
+#[test]
+fn a_try_lock_is_granted_on_a_free_lease_and_times_out_at_once_on_a_held_one() {
+    let mut w = World::default();
+    let mut try_lock = spec(15);
+    try_lock.acquire_timeout_seconds = Some(0);
+    w.create("first", try_lock.clone());
+    w.settle();
+    assert_eq!(w.status("first").phase, Some(Phase::Granted));
+    w.create("second", try_lock.clone());
+    w.settle();
+    assert_eq!(w.status("second").phase, Some(Phase::TimedOut));
+    assert_eq!(w.status("first").phase, Some(Phase::Granted));
+    // Behind a higher-priority waiter a Lease freed at that moment is not its either.
+    let mut vip = spec(15);
+    vip.priority = 10;
+    w.create("vip", vip);
+    w.settle();
+    w.release("first");
+    w.create("third", try_lock);
+    w.settle();
+    assert_eq!(w.status("vip").phase, Some(Phase::Granted));
+    assert_eq!(w.status("third").phase, Some(Phase::TimedOut));
+}
+
+#[test]
+fn a_waiter_granted_before_its_deadline_is_never_timed_out() {
+    let mut w = World::default();
+    w.create("holder", spec(15));
+    w.settle();
+    let mut s = spec(15);
+    s.acquire_timeout_seconds = Some(10);
+    w.create("next", s);
+    w.settle();
+    w.advance(secs(3));
+    w.release("holder");
+    w.settle();
+    w.advance(secs(30));
+    w.settle();
+    assert_eq!(w.status("next").phase, Some(Phase::Granted));
+}

@@ -114,7 +114,10 @@ pub struct AcquireOptions {
     pub priority: i32,
     /// Lock delay after an expiry.
     pub lock_delay: Duration,
-    /// Give up after this long (None: wait for ever).
+    /// Give up after this long (None: wait for ever). Written to the claim as
+    /// `acquireTimeoutSeconds` (rounded up; zero is try-lock), so a claim whose creator
+    /// dies while waiting times out by itself; this process also stops waiting a few
+    /// seconds later should the operator not answer.
     pub wait: Option<Duration>,
     /// Declare the lock lost when renewals have failed this long (default: 2/3 of the
     /// lease duration; must be shorter than it).
@@ -192,6 +195,7 @@ impl LockClient {
             ttl_seconds_after_finished: opts
                 .keep_finished
                 .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+            acquire_timeout_seconds: opts.wait.map(ceil_secs),
         };
         let owner = if opts.owner_pod {
             match (std::env::var("POD_NAME"), std::env::var("POD_UID")) {
@@ -246,11 +250,14 @@ impl LockClient {
                         .unwrap_or_default();
                     Err(LockError::Rejected { reason, message })
                 }
+                Some(Phase::TimedOut) => Err(LockError::TimedOut(opts.wait.unwrap_or_default())),
                 other => Err(LockError::Ended(format!("{other:?}"))),
             }
         };
+        // The operator times the claim out (its deadline rounds up to whole seconds);
+        // this is the backstop should it not answer.
         let result = match opts.wait {
-            Some(w) => tokio::time::timeout(w, granted)
+            Some(w) => tokio::time::timeout(w + OPERATOR_TIMEOUT_MARGIN, granted)
                 .await
                 .unwrap_or(Err(LockError::TimedOut(w))),
             None => granted.await,
@@ -277,6 +284,12 @@ impl LockClient {
             .as_ref()
             .and_then(|s| s.fencing_token)
             .unwrap_or_default();
+        // For a lock with capacity the grant is one of its slot Leases: renew that one.
+        let held = c
+            .status
+            .as_ref()
+            .and_then(|s| s.lease.clone())
+            .unwrap_or_else(|| lease_name.to_string());
         let renew_deadline = opts
             .renew_deadline
             .unwrap_or(opts.lease_duration * 2 / 3)
@@ -292,7 +305,7 @@ impl LockClient {
             let leases: Api<Lease> = Api::namespaced(self.client.clone(), &self.namespace);
             tasks.push(tokio::spawn(renew(
                 leases,
-                lease_name.to_string(),
+                held.clone(),
                 identity.clone(),
                 opts.lease_duration / 3,
                 renew_deadline,
@@ -303,7 +316,7 @@ impl LockClient {
         Ok(Guard {
             claims,
             claim_name: name,
-            lease_name: lease_name.to_string(),
+            lease_name: held,
             identity,
             token,
             lease_duration: opts.lease_duration,
@@ -314,6 +327,15 @@ impl LockClient {
             released: false,
         })
     }
+}
+
+/// How much longer than `wait` a client waits for the operator's own timeout.
+const OPERATOR_TIMEOUT_MARGIN: Duration = Duration::from_secs(3);
+
+/// Whole seconds, rounded up.
+fn ceil_secs(d: Duration) -> i64 {
+    let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    i64::try_from(s).unwrap_or(i64::MAX)
 }
 
 fn truncate(s: &str, n: usize) -> &str {
@@ -449,7 +471,8 @@ impl Guard {
         &self.claim_name
     }
 
-    /// The Lease's name.
+    /// The Lease held: the one named like the lock, or for a lock with capacity one of
+    /// its slot Leases (`<lock>-slot-<i>`). A Holder-renewal guard renews this one.
     pub fn lease_name(&self) -> &str {
         &self.lease_name
     }

@@ -72,6 +72,8 @@ pub enum Error {
     UnwatchedLease {
         /// Lease name.
         name: String,
+        /// Its slot of the lock.
+        slot: u32,
         /// The Lease as read.
         lease: Box<k8s_openapi::api::coordination::v1::Lease>,
     },

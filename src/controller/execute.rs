@@ -1,7 +1,8 @@
-//! Performs a [`Plan`](crate::arbiter::Plan)'s steps in order, each write carrying the
-//! resourceVersion it was decided from; stops at the first failure.
+//! Performs a [`LockPlan`](crate::arbiter::LockPlan)'s steps in order, each write
+//! carrying the resourceVersion it was decided from; stops at the first failure. A
+//! step's slot says which of the lock's Leases it concerns.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,8 +12,8 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use super::{chaos, Context, Error, LeaseKey};
-use crate::api::{LockClaim, LockClaimStatus};
-use crate::arbiter::{LeaseWriteKind, Note, Plan, Step, Target};
+use crate::api::{slot_lease, LockClaim, LockClaimStatus};
+use crate::arbiter::{LeaseWriteKind, LockPlan, LockStep, Note, Step, Target};
 use crate::telemetry::WriteKind;
 use crate::{FINALIZER, MANAGER};
 
@@ -33,40 +34,71 @@ fn parse_rv(rv: Option<&String>) -> Option<u64> {
     rv.and_then(|v| v.parse().ok())
 }
 
-/// What a successful plan wrote, so the next reconcile can tell a lagging cache.
+/// What our last write did to one slot's Lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseWrite {
+    /// Written; its resourceVersion after the write.
+    Written(u64),
+    /// Deleted.
+    Deleted,
+}
+
+/// What a plan wrote, so the next reconcile can tell a lagging cache.
 #[derive(Default)]
 pub struct Written {
-    /// The Lease's resourceVersion after our last write to it (None after a delete).
-    pub lease: Option<u64>,
-    /// Whether the Lease was deleted.
-    pub lease_deleted: bool,
+    /// Per slot, our last write to its Lease.
+    pub leases: BTreeMap<u32, LeaseWrite>,
     /// Claims' resourceVersions after our writes.
     pub claims: HashMap<String, u64>,
-    /// When (monotonic) a granting Lease write completed.
-    pub granted_at: Option<Duration>,
+    /// Per slot, when (monotonic) a granting Lease write completed.
+    pub granted_at: BTreeMap<u32, Duration>,
+}
+
+impl Written {
+    /// Whether slot `slot`'s Lease was deleted by this plan.
+    pub fn deleted(&self, slot: u32) -> bool {
+        self.leases.get(&slot) == Some(&LeaseWrite::Deleted)
+    }
 }
 
 /// Runs the plan's steps in order.
 pub async fn execute(
     ctx: &Arc<Context>,
     key: &LeaseKey,
-    plan: &Plan,
+    plan: &LockPlan,
     claims: &[Arc<LockClaim>],
-    lease: Option<&Lease>,
+    leases: &BTreeMap<u32, Arc<Lease>>,
 ) -> Result<Written, Error> {
-    let mut x = Executor::new(ctx, key, claims, lease);
-    let steps = chaos::steps(&plan.steps, lease);
-    for step in steps.iter() {
+    let mut x = Executor::new(ctx, key, claims, leases);
+    for step in sabotaged(&plan.steps, leases) {
         // A write decided as leader is made only while the term lasts: a leader that
         // froze mid-plan and woke past its term stops here (reads and Events go on).
-        if is_write(step) && !ctx.term.is_current() {
+        if is_write(&step.step) && !ctx.term.is_current() {
             return Err(Error::TermEnded {
                 lease: key.name.clone(),
             });
         }
-        x.step(step).await?;
+        x.step(&step).await?;
     }
     Ok(x.written)
+}
+
+/// The steps as the chaos build's `grant-before-lease` control reorders them, one
+/// slot's run of steps at a time (unchanged in the product build).
+fn sabotaged(steps: &[LockStep], leases: &BTreeMap<u32, Arc<Lease>>) -> Vec<LockStep> {
+    let mut out = Vec::with_capacity(steps.len());
+    for run in steps.chunk_by(|a, b| a.slot == b.slot) {
+        let slot = run[0].slot;
+        let plain: Vec<Step> = run.iter().map(|s| s.step.clone()).collect();
+        let lease = leases.get(&slot).map(|l| l.as_ref());
+        out.extend(
+            chaos::steps(&plain, lease)
+                .iter()
+                .cloned()
+                .map(|step| LockStep { slot, step }),
+        );
+    }
+    out
 }
 
 /// Whether a step writes an object (Events are best effort and not arbitration state).
@@ -84,8 +116,8 @@ struct Executor<'a> {
     /// Each claim's resourceVersion as last read or written.
     rvs: HashMap<String, String>,
     finalizers: HashMap<String, Vec<String>>,
-    /// The Lease as read, then as our last write left it.
-    lease: Option<Lease>,
+    /// Each slot's Lease as read, then as our last write left it.
+    leases: BTreeMap<u32, Lease>,
     /// The resourceVersion our last Lease write returned: the next grant's token.
     lease_token: Option<i64>,
     written: Written,
@@ -96,7 +128,7 @@ impl<'a> Executor<'a> {
         ctx: &'a Context,
         key: &'a LeaseKey,
         claims: &'a [Arc<LockClaim>],
-        lease: Option<&Lease>,
+        leases: &BTreeMap<u32, Arc<Lease>>,
     ) -> Executor<'a> {
         Executor {
             ctx,
@@ -112,16 +144,19 @@ impl<'a> Executor<'a> {
                 .iter()
                 .map(|c| (c.name_any(), c.finalizers().to_vec()))
                 .collect(),
-            lease: lease.cloned(),
+            leases: leases.iter().map(|(s, l)| (*s, (**l).clone())).collect(),
             lease_token: None,
             written: Written::default(),
         }
     }
 
-    async fn step(&mut self, step: &Step) -> Result<(), Error> {
-        match step {
+    async fn step(&mut self, s: &LockStep) -> Result<(), Error> {
+        let slot = s.slot;
+        match &s.step {
             Step::VerifyLease { .. } if chaos::skips_lease_check() => Ok(()),
-            Step::VerifyLease { resource_version } => self.verify_lease(resource_version).await,
+            Step::VerifyLease { resource_version } => {
+                self.verify_lease(slot, resource_version).await
+            }
             Step::AddFinalizer { claim } => self.finalizer(claim, true).await,
             Step::RemoveFinalizer { claim } => self.finalizer(claim, false).await,
             Step::SetStatus {
@@ -129,34 +164,43 @@ impl<'a> Executor<'a> {
                 status,
                 fill_token,
             } => self.set_status(claim, status, *fill_token).await,
-            Step::WriteLease { kind, lease } => self.write_lease(*kind, lease).await,
-            Step::DeleteLease { resource_version } => self.delete_lease(resource_version).await,
+            Step::WriteLease { kind, lease } => self.write_lease(slot, *kind, lease).await,
+            Step::DeleteLease { resource_version } => {
+                self.delete_lease(slot, resource_version).await
+            }
             Step::DeleteClaim { claim } => self.delete_claim(claim).await,
             Step::Event(note) => {
-                self.event(note);
+                self.event(slot, note);
                 Ok(())
             }
         }
     }
 
-    fn lease_conflict(&self) -> String {
-        format!("Lease {}", self.key.name)
+    /// The name of slot `slot`'s Lease.
+    fn lease_name(&self, slot: u32) -> String {
+        slot_lease(&self.key.name, slot)
+    }
+
+    fn lease_conflict(&self, slot: u32) -> String {
+        format!("Lease {}", self.lease_name(slot))
     }
 
     /// A quorum read of the Lease: the plan goes on only if it is as decided from.
-    async fn verify_lease(&self, resource_version: &Option<String>) -> Result<(), Error> {
+    async fn verify_lease(
+        &self,
+        slot: u32,
+        resource_version: &Option<String>,
+    ) -> Result<(), Error> {
+        let name = self.lease_name(slot);
         let fresh = self
             .lease_api
-            .get_opt(&self.key.name)
+            .get_opt(&name)
             .await
-            .map_err(|source| Error::LeaseReadFailed {
-                name: self.key.name.clone(),
-                source,
-            })?;
+            .map_err(|source| Error::LeaseReadFailed { name, source })?;
         let rv = fresh.as_ref().and_then(|l| l.resource_version());
         if &rv != resource_version {
             return Err(Error::Conflict {
-                what: self.lease_conflict(),
+                what: self.lease_conflict(slot),
             });
         }
         Ok(())
@@ -234,9 +278,15 @@ impl<'a> Executor<'a> {
         Ok(())
     }
 
-    async fn write_lease(&mut self, kind: LeaseWriteKind, lease: &Lease) -> Result<(), Error> {
+    async fn write_lease(
+        &mut self,
+        slot: u32,
+        kind: LeaseWriteKind,
+        lease: &Lease,
+    ) -> Result<(), Error> {
         let pp = PostParams::default();
-        let result = match chaos::write_lease(&self.lease_api, &self.key.name, lease).await {
+        let name = self.lease_name(slot);
+        let result = match chaos::write_lease(&self.lease_api, &name, lease).await {
             Some(sabotaged) => sabotaged,
             None if kind == LeaseWriteKind::Create => self.lease_api.create(&pp, lease).await,
             // A merge patch of only what the operator owns, with the resourceVersion as
@@ -245,25 +295,20 @@ impl<'a> Executor<'a> {
             None => {
                 let patch = crate::arbiter::update_patch(lease);
                 self.lease_api
-                    .patch(
-                        &self.key.name,
-                        &PatchParams::default(),
-                        &Patch::Merge(&patch),
-                    )
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await
             }
         };
         if kind == LeaseWriteKind::Create {
             if let Err(e) = &result {
                 if is_status(e, 409) {
-                    return Err(self.existing_lease().await);
+                    return Err(self.existing_lease(slot).await);
                 }
             }
         }
         let obj = result.map_err(|e| {
-            classify(e, self.lease_conflict(), |source| Error::LeaseWriteFailed {
-                name: self.key.name.clone(),
-                source,
+            classify(e, self.lease_conflict(slot), |source| {
+                Error::LeaseWriteFailed { name, source }
             })
         })?;
         self.ctx.metrics.write(match kind {
@@ -275,48 +320,44 @@ impl<'a> Executor<'a> {
         let rv = obj.resource_version();
         self.wrote(rv.as_deref());
         self.lease_token = rv.as_ref().and_then(|v| v.parse().ok());
-        self.written.lease = parse_rv(rv.as_ref());
-        if matches!(kind, LeaseWriteKind::Create | LeaseWriteKind::Grant) {
-            self.written.granted_at = Some(self.ctx.mono());
+        if let Some(n) = parse_rv(rv.as_ref()) {
+            self.written.leases.insert(slot, LeaseWrite::Written(n));
         }
-        self.lease = Some(obj);
+        if matches!(kind, LeaseWriteKind::Create | LeaseWriteKind::Grant) {
+            self.written.granted_at.insert(slot, self.ctx.mono());
+        }
+        self.leases.insert(slot, obj);
         Ok(())
     }
 
     /// The create found a Lease the watches do not show (only Leases with our label or
     /// the takeover label are watched): read it, so the next decision sees it.
-    async fn existing_lease(&self) -> Error {
-        match self.lease_api.get_opt(&self.key.name).await {
+    async fn existing_lease(&self, slot: u32) -> Error {
+        let name = self.lease_name(slot);
+        match self.lease_api.get_opt(&name).await {
             Ok(Some(lease)) => Error::UnwatchedLease {
-                name: self.key.name.clone(),
+                name,
+                slot,
                 lease: Box::new(lease),
             },
             Ok(None) => Error::Conflict {
-                what: self.lease_conflict(),
+                what: self.lease_conflict(slot),
             },
-            Err(source) => Error::LeaseReadFailed {
-                name: self.key.name.clone(),
-                source,
-            },
+            Err(source) => Error::LeaseReadFailed { name, source },
         }
     }
 
-    async fn delete_lease(&mut self, resource_version: &str) -> Result<(), Error> {
+    async fn delete_lease(&mut self, slot: u32, resource_version: &str) -> Result<(), Error> {
         let dp = precondition(Some(resource_version.to_string()));
-        self.lease_api
-            .delete(&self.key.name, &dp)
-            .await
-            .map_err(|e| {
-                classify(e, self.lease_conflict(), |source| {
-                    Error::LeaseDeleteFailed {
-                        name: self.key.name.clone(),
-                        source,
-                    }
-                })
-            })?;
+        let name = self.lease_name(slot);
+        self.lease_api.delete(&name, &dp).await.map_err(|e| {
+            classify(e, self.lease_conflict(slot), |source| {
+                Error::LeaseDeleteFailed { name, source }
+            })
+        })?;
         self.ctx.metrics.write(WriteKind::LeaseDelete);
-        self.written.lease = None;
-        self.written.lease_deleted = true;
+        // The Lease stays known here: an Event about its deletion still refers to it.
+        self.written.leases.insert(slot, LeaseWrite::Deleted);
         Ok(())
     }
 
@@ -337,10 +378,10 @@ impl<'a> Executor<'a> {
         }
     }
 
-    fn event(&self, note: &Note) {
+    fn event(&self, slot: u32, note: &Note) {
         let reference = match &note.target {
             Target::Claim(n) => self.by_name.get(n).map(|c| c.object_ref(&())),
-            Target::Lease => self.lease.as_ref().map(|l| l.object_ref(&())),
+            Target::Lease => self.leases.get(&slot).map(|l| l.object_ref(&())),
         };
         if let Some(reference) = reference {
             self.ctx.events.send(note, reference);

@@ -15,6 +15,8 @@ pub mod config;
 mod errors;
 mod events;
 mod execute;
+mod foreign;
+mod locks;
 pub mod queue;
 mod reconcile;
 mod run;
@@ -27,7 +29,7 @@ mod chaos;
 #[path = "chaos_off.rs"]
 mod chaos;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,8 +43,8 @@ pub use config::RunConfig;
 pub use errors::{Error, RunError};
 pub use run::{controller, controller_until, run, shutdown_signal, wait_for_crd};
 
-use crate::api::LockClaim;
-use crate::arbiter::{self, Memory};
+use crate::api::{Lock, LockClaim};
+use crate::arbiter::{self, LockMemory};
 use crate::leader::Term;
 use crate::telemetry::Metrics;
 use queue::WorkQueue;
@@ -63,18 +65,19 @@ impl queue::Grouped for LeaseKey {
     }
 }
 
-/// What this process keeps per Lease between reconciles.
+/// What this process keeps per lock between reconciles.
 #[derive(Default)]
 struct KeyState {
-    memory: Memory,
-    /// resourceVersions our last writes produced: a cache older than these is stale.
-    lease_rv: Option<u64>,
+    memory: LockMemory,
+    /// resourceVersions our last writes produced (per slot Lease, per claim): a cache
+    /// older than these is stale.
+    lease_rvs: BTreeMap<u32, u64>,
     claim_rvs: HashMap<String, u64>,
     failures: u32,
     waiting: usize,
-    /// A Lease the watches do not show (neither our label nor the takeover label),
+    /// Slot Leases the watches do not show (neither our label nor the takeover label),
     /// learnt from a refused create; read again when `recheck` is due.
-    foreign: Option<Foreign>,
+    foreign: BTreeMap<u32, Foreign>,
 }
 
 /// An unwatched Lease as last read, and when to read it again.
@@ -99,6 +102,10 @@ pub struct Context {
     claims: Store<LockClaim>,
     /// The Leases we manage and the ones open to takeover (one watch each).
     leases: [Store<Lease>; 2],
+    /// Locks (capacities).
+    locks: Store<Lock>,
+    /// The slots above 0 whose Lease exists, per lock.
+    slots: Mutex<HashMap<LeaseKey, BTreeSet<u32>>>,
     /// Claim names per Lease key (leaseName is immutable, so this only grows and shrinks).
     index: Mutex<HashMap<LeaseKey, HashSet<String>>>,
     keys: Mutex<HashMap<LeaseKey, KeyState>>,
@@ -130,6 +137,29 @@ impl Context {
             .iter()
             .filter_map(|s| s.get(&r))
             .max_by_key(|l| rv(l))
+    }
+
+    /// The slots above 0 whose Lease the watches have shown for lock `key`.
+    fn slots_of(&self, key: &LeaseKey) -> Vec<u32> {
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Notes that slot `slot` of lock `key` has a Lease (or no longer has one).
+    fn note_slot(&self, key: &LeaseKey, slot: u32, exists: bool) {
+        let mut all = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if exists {
+            all.entry(key.clone()).or_default().insert(slot);
+        } else if let Some(s) = all.get_mut(key) {
+            s.remove(&slot);
+            if s.is_empty() {
+                all.remove(key);
+            }
+        }
     }
 
     fn keys(&self) -> std::sync::MutexGuard<'_, HashMap<LeaseKey, KeyState>> {

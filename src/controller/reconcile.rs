@@ -1,19 +1,19 @@
 //! One reconcile of one Lease key: read the caches, decide (the arbiter), execute the
 //! plan, remember; with backoff after failures.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::reflector::ObjectRef;
-use kube::{Api, ResourceExt};
+use kube::ResourceExt;
 use tokio::time::Instant;
 
-use super::execute::{self, Written};
-use super::{chaos, Context, Error, Foreign, KeyState, LeaseKey};
-use crate::api::LockClaim;
-use crate::arbiter::{self, Memory, Outcome, Plan};
+use super::execute::{self, LeaseWrite, Written};
+use super::{chaos, foreign, locks, Context, Error, KeyState, LeaseKey};
+use crate::api::{slot_lease, Lock, LockClaim, MAX_CAPACITY, MIN_CAPACITY};
+use crate::arbiter::{self, LockMemory, LockPlan, Outcome};
 use crate::telemetry::{NamespaceLabel, ReasonLabel};
 
 /// Backoff after failures: conflicts retry fast (the cache usually just lags).
@@ -34,9 +34,9 @@ pub(super) async fn reconcile_key(ctx: &Arc<Context>, key: &LeaseKey) {
             }
             next
         }
-        Err(Error::UnwatchedLease { lease, .. }) => {
+        Err(Error::UnwatchedLease { lease, slot, .. }) => {
             count_error(ctx, "UnwatchedLease");
-            learn_foreign(ctx, key, *lease);
+            foreign::learn(ctx, key, slot, *lease);
             Some(Duration::ZERO)
         }
         Err(e) => Some(failed(ctx, key, &e)),
@@ -83,104 +83,60 @@ fn count_error(ctx: &Context, reason: &str) {
         .inc();
 }
 
-/// First and longest wait before an unwatched Lease is read again.
-const FOREIGN_RECHECK: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(60));
-
-/// Remembers a Lease the watches do not show (a create of it was refused), so that the
-/// next decisions see it; it is read again with backoff ([`refresh_foreign`]).
-fn learn_foreign(ctx: &Context, key: &LeaseKey, mut lease: Lease) {
-    arbiter::slim_lease(&mut lease);
-    let now = ctx.mono();
-    let mut keys = ctx.keys();
-    let s = keys.entry(key.clone()).or_default();
-    let backoff = s.foreign.as_ref().map_or(FOREIGN_RECHECK.0, |f| {
-        (f.backoff * 2).min(FOREIGN_RECHECK.1)
-    });
-    s.foreign = Some(Foreign {
-        lease: Arc::new(lease),
-        recheck: now + backoff,
-        backoff,
-    });
-}
-
-/// Reads an unwatched Lease again once its recheck is due: gone, it is forgotten (the
-/// next decision may create it); still there, it is remembered with a longer backoff.
-async fn refresh_foreign(ctx: &Context, key: &LeaseKey) -> Result<(), Error> {
-    let due = ctx
-        .keys()
-        .get(key)
-        .and_then(|s| s.foreign.as_ref())
-        .is_some_and(|f| f.recheck <= ctx.mono());
-    if !due {
-        return Ok(());
-    }
-    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &key.namespace);
-    let read = api
-        .get_opt(&key.name)
-        .await
-        .map_err(|source| Error::LeaseReadFailed {
-            name: key.name.clone(),
-            source,
-        })?;
-    match read {
-        Some(lease) => learn_foreign(ctx, key, lease),
-        None => {
-            if let Some(s) = ctx.keys().get_mut(key) {
-                s.foreign = None;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// When an unwatched Lease in use is due to be read again.
-fn foreign_recheck_in(ctx: &Context, key: &LeaseKey) -> Option<Duration> {
-    let keys = ctx.keys();
-    let f = keys.get(key)?.foreign.as_ref()?;
-    Some(f.recheck.saturating_sub(ctx.mono()))
-}
-
-/// Reads the state of one Lease key, decides, and writes. Returns when to look again.
+/// Reads the state of one lock, decides, and writes. Returns when to look again.
 async fn reconcile(ctx: &Arc<Context>, key: &LeaseKey) -> Result<Option<Duration>, Error> {
-    refresh_foreign(ctx, key).await?;
-    let (claims, lease, foreign) = read(ctx, key);
+    foreign::refresh(ctx, key).await?;
+    let r = read(ctx, key);
     // A cache older than our own last writes would only produce refused writes: wait
     // for the watch to deliver them (it triggers this key again).
-    let Some(memory) = memory_unless_stale(ctx, key, &claims, lease.as_deref()) else {
+    let Some(memory) = memory_unless_stale(ctx, key, &r) else {
         tracing::debug!(namespace = %key.namespace, lease = %key.name, "cache behind our last write; waiting for the watch");
         return Ok(Some(Duration::from_secs(1)));
     };
-    let (claims, lease) = chaos::inputs(claims, lease);
-    let now = arbiter::Now {
-        wall: jiff::Timestamp::now(),
-        mono: ctx.mono(),
-    };
-    let refs: Vec<&LockClaim> = claims.iter().map(|c| c.as_ref()).collect();
-    let plan = arbiter::decide(&arbiter::Input {
-        lease_name: &key.name,
+    let r = chaos_inputs(r);
+    let refs: Vec<&LockClaim> = r.claims.iter().map(|c| c.as_ref()).collect();
+    let leases: BTreeMap<u32, &Lease> = r.leases.iter().map(|(s, l)| (*s, l.as_ref())).collect();
+    let plan = arbiter::decide_lock(&arbiter::LockInput {
+        lock_name: &key.name,
+        capacity: r.capacity,
         claims: &refs,
-        lease: lease.as_deref(),
+        leases: &leases,
         memory: &memory,
-        now,
+        now: arbiter::Now {
+            wall: jiff::Timestamp::now(),
+            mono: ctx.mono(),
+        },
         config: ctx.config,
     });
     let written = if plan.steps.is_empty() {
         Written::default()
     } else {
-        execute::execute(ctx, key, &plan, &claims, lease.as_deref()).await?
+        execute::execute(ctx, key, &plan, &r.claims, &r.leases).await?
     };
-    record(ctx, key, &plan);
-    remember(ctx, key, &plan, written, &claims, lease.as_deref());
-    let recheck = foreign.then(|| foreign_recheck_in(ctx, key)).flatten();
+    record(ctx, key, &plan.outcomes);
+    locks::publish(ctx, key, &plan, &r).await;
+    remember(ctx, key, &plan, written, &r);
+    let recheck = foreign::recheck_in(ctx, key);
     Ok(match (plan.requeue_after, recheck) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     })
 }
 
-/// The claims that name the key's Lease, and the Lease: from the watched caches, else
-/// the unwatched one last read (then `true`).
-fn read(ctx: &Context, key: &LeaseKey) -> (Vec<Arc<LockClaim>>, Option<Arc<Lease>>, bool) {
+/// What one reconcile reads from the caches.
+pub(super) struct Read {
+    /// The claims that name the lock.
+    pub claims: Vec<Arc<LockClaim>>,
+    /// Its slot Leases, by slot: from the watched caches, else as last read when the
+    /// watches do not show them.
+    pub leases: BTreeMap<u32, Arc<Lease>>,
+    /// The capacity in force (the Lock's, else 1).
+    pub capacity: u32,
+    /// The Lock object, if any.
+    pub lock: Option<Arc<Lock>>,
+}
+
+fn read(ctx: &Context, key: &LeaseKey) -> Read {
     let names: Vec<String> = ctx
         .index()
         .get(key)
@@ -191,56 +147,92 @@ fn read(ctx: &Context, key: &LeaseKey) -> (Vec<Arc<LockClaim>>, Option<Arc<Lease
         .filter_map(|n| ctx.claims.get(&ObjectRef::new(n).within(&key.namespace)))
         .filter(|c| c.spec.lease_name == key.name)
         .collect();
-    if let Some(lease) = ctx.watched_lease(key) {
-        return (claims, Some(lease), false);
+    let lock = ctx
+        .locks
+        .get(&ObjectRef::new(&key.name).within(&key.namespace));
+    let capacity = lock.as_ref().map_or(1, |l| {
+        u32::try_from(l.spec.capacity.clamp(MIN_CAPACITY, MAX_CAPACITY)).unwrap_or(1)
+    });
+    let mut leases = BTreeMap::new();
+    let (slots, foreign) = {
+        let keys = ctx.keys();
+        let s = keys.get(key);
+        let foreign: BTreeMap<u32, Arc<Lease>> = s
+            .map(|s| {
+                s.foreign
+                    .iter()
+                    .map(|(k, f)| (*k, f.lease.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        (ctx.slots_of(key), foreign)
+    };
+    for slot in std::iter::once(0).chain(slots) {
+        let name = LeaseKey {
+            namespace: key.namespace.clone(),
+            name: slot_lease(&key.name, slot),
+        };
+        if let Some(l) = ctx.watched_lease(&name) {
+            leases.insert(slot, l);
+        }
     }
-    let foreign = ctx
-        .keys()
-        .get(key)
-        .and_then(|s| s.foreign.as_ref().map(|f| f.lease.clone()));
-    let unwatched = foreign.is_some();
-    (claims, foreign, unwatched)
+    for (slot, l) in foreign {
+        leases.entry(slot).or_insert(l);
+    }
+    Read {
+        claims,
+        leases,
+        capacity,
+        lock,
+    }
+}
+
+/// The chaos build's `skip-lock-delay` control edits the inputs (no-op otherwise).
+fn chaos_inputs(mut r: Read) -> Read {
+    let (claims, zero) = chaos::inputs(std::mem::take(&mut r.claims), r.leases.get(&0).cloned());
+    r.claims = claims;
+    for (slot, l) in r.leases.iter_mut() {
+        let edited = if *slot == 0 {
+            zero.clone()
+        } else {
+            chaos::inputs(Vec::new(), Some(l.clone())).1
+        };
+        if let Some(e) = edited {
+            *l = e;
+        }
+    }
+    r
 }
 
 /// What this process remembers of the key, unless the caches are older than its own
 /// last writes (None).
-fn memory_unless_stale(
-    ctx: &Context,
-    key: &LeaseKey,
-    claims: &[Arc<LockClaim>],
-    lease: Option<&Lease>,
-) -> Option<Memory> {
+fn memory_unless_stale(ctx: &Context, key: &LeaseKey, r: &Read) -> Option<LockMemory> {
     let keys = ctx.keys();
     let Some(s) = keys.get(key) else {
-        return Some(Memory::default());
+        return Some(LockMemory::default());
     };
     let rv = |o: Option<String>| o.and_then(|v| v.parse::<u64>().ok());
-    let lease_behind = s.lease_rv.is_some_and(|w| {
+    let lease_behind = s.lease_rvs.iter().any(|(slot, w)| {
         // Absent from the cache although we wrote it: the watch has not caught up.
-        rv(lease.and_then(|l| l.resource_version())).is_none_or(|r| r < w)
+        rv(r.leases.get(slot).and_then(|l| l.resource_version())).is_none_or(|have| have < *w)
     });
-    let claim_behind = claims.iter().any(|c| {
+    let claim_behind = r.claims.iter().any(|c| {
         s.claim_rvs
             .get(&c.name_any())
-            .is_some_and(|w| rv(c.resource_version()).is_some_and(|r| r < *w))
+            .is_some_and(|w| rv(c.resource_version()).is_some_and(|have| have < *w))
     });
     (!lease_behind && !claim_behind).then(|| s.memory.clone())
 }
 
 /// Keeps the plan's memory and what it wrote for the next reconcile, or forgets the key
-/// when no live claim names it and the Lease is not (or no longer) ours.
-fn remember(
-    ctx: &Context,
-    key: &LeaseKey,
-    plan: &Plan,
-    written: Written,
-    claims: &[Arc<LockClaim>],
-    lease: Option<&Lease>,
-) {
+/// when no live claim names the lock and none of its Leases is (or still is) ours.
+fn remember(ctx: &Context, key: &LeaseKey, plan: &LockPlan, written: Written, r: &Read) {
     let mut keys = ctx.keys();
-    let forget = !plan.has_live_claims
-        && (written.lease_deleted || lease.is_none_or(|l| !arbiter::is_managed(l)));
-    if forget {
+    let ours_left = r
+        .leases
+        .iter()
+        .any(|(slot, l)| !written.deleted(*slot) && arbiter::is_managed(l));
+    if !plan.has_live_claims && !ours_left && r.lock.is_none() {
         if let Some(s) = keys.remove(key) {
             adjust_queue_depth(ctx, key, s.waiting, 0);
         }
@@ -253,15 +245,20 @@ fn remember(
     }
     let state: &mut KeyState = keys.entry(key.clone()).or_default();
     state.memory = plan.memory.clone();
-    if let Some(at) = written.granted_at {
-        state.memory.rebase_grant(at);
+    for (slot, at) in &written.granted_at {
+        if let Some(m) = state.memory.slots.get_mut(slot) {
+            m.rebase_grant(*at);
+        }
     }
-    if written.lease.is_some() || written.lease_deleted {
-        state.lease_rv = written.lease;
+    for (slot, w) in &written.leases {
+        match w {
+            LeaseWrite::Written(rv) => state.lease_rvs.insert(*slot, *rv),
+            LeaseWrite::Deleted => state.lease_rvs.remove(slot),
+        };
     }
     state
         .claim_rvs
-        .retain(|n, _| claims.iter().any(|c| c.name_any() == *n));
+        .retain(|n, _| r.claims.iter().any(|c| c.name_any() == *n));
     state.claim_rvs.extend(written.claims);
     let before = std::mem::replace(&mut state.waiting, plan.waiting);
     drop(keys);
@@ -278,9 +275,9 @@ fn adjust_queue_depth(ctx: &Context, key: &LeaseKey, before: usize, after: usize
 }
 
 /// Counts what the plan changed.
-fn record(ctx: &Context, key: &LeaseKey, plan: &Plan) {
+fn record(ctx: &Context, key: &LeaseKey, outcomes: &[Outcome]) {
     let m = &ctx.metrics;
-    for o in &plan.outcomes {
+    for o in outcomes {
         match o {
             Outcome::Granted {
                 waited,
@@ -309,6 +306,9 @@ fn record(ctx: &Context, key: &LeaseKey, plan: &Plan) {
                     })
                     .inc();
                 tracing::info!(namespace = %key.namespace, lease = %key.name, reason = r.as_str(), "grant expired");
+            }
+            Outcome::TimedOut => {
+                m.acquire_timeouts.inc();
             }
             Outcome::GarbageCollected => {
                 m.gc_deleted.inc();

@@ -18,7 +18,7 @@ use super::queue::WorkQueue;
 use super::reconcile::{reconcile_key, reconcile_panicked};
 use super::watches;
 use super::{chaos, worker, Context, Error, LeaseKey, RunConfig, RunError};
-use crate::api::LockClaim;
+use crate::api::{Lock, LockClaim};
 use crate::arbiter;
 use crate::leader::Term;
 use crate::telemetry::{self, Metrics, Readiness, ReasonLabel};
@@ -230,17 +230,23 @@ pub async fn controller_until(
     term: Term,
     stop: watch::Receiver<bool>,
 ) -> Result<(), RunError> {
-    let (claim_api, lease_api) = match cfg.watch_namespace.as_deref() {
+    let (claim_api, lease_api, lock_api) = match cfg.watch_namespace.as_deref() {
         Some(ns) => (
             Api::<DeserializeGuard<LockClaim>>::namespaced(client.clone(), ns),
             Api::<DeserializeGuard<Lease>>::namespaced(client.clone(), ns),
+            Api::<DeserializeGuard<Lock>>::namespaced(client.clone(), ns),
         ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
     };
     start_counters_at_zero(&metrics);
     let (claims, claim_writer) = reflector::store();
     let (managed, managed_writer) = reflector::store();
     let (takeover, takeover_writer) = reflector::store();
+    let (locks, lock_writer) = reflector::store();
     let reporter = Reporter {
         controller: crate::MANAGER.into(),
         instance: Some(cfg.identity()),
@@ -259,6 +265,8 @@ pub async fn controller_until(
         metrics,
         claims,
         leases: [managed, takeover],
+        locks,
+        slots: Mutex::default(),
         index: Mutex::default(),
         keys: Mutex::default(),
         queue: Arc::new(WorkQueue::with_group_limit(cfg.namespace_concurrency)),
@@ -276,6 +284,7 @@ pub async fn controller_until(
         _ = watches::watch_claims(ctx.clone(), claim_api, claim_writer) => Err(RunError::WatchEnded("LockClaim")),
         _ = watches::watch_leases(ctx.clone(), lease_api.clone(), managed_sel, managed_writer) => Err(RunError::WatchEnded("Lease")),
         _ = watches::watch_leases(ctx.clone(), lease_api, takeover_sel, takeover_writer) => Err(RunError::WatchEnded("Lease")),
+        _ = watches::watch_locks(ctx.clone(), lock_api, lock_writer) => Err(RunError::WatchEnded("Lock")),
         res = dispatch(ctx, readiness, &cfg, stop) => res,
     }
 }
@@ -311,12 +320,13 @@ async fn dispatch(
 ) -> Result<(), RunError> {
     let synced = async {
         let [managed, takeover] = &ctx.leases;
-        let (a, b, c) = tokio::join!(
+        let (a, b, c, d) = tokio::join!(
             ctx.claims.wait_until_ready(),
             managed.wait_until_ready(),
-            takeover.wait_until_ready()
+            takeover.wait_until_ready(),
+            ctx.locks.wait_until_ready()
         );
-        a.is_ok() && b.is_ok() && c.is_ok()
+        a.is_ok() && b.is_ok() && c.is_ok() && d.is_ok()
     };
     match tokio::time::timeout(cfg.cache_sync_timeout, synced).await {
         Ok(true) => {}
@@ -357,22 +367,27 @@ async fn dispatch(
 
 /// Waits until the LockClaim CRD is Established (instead of crash-looping before it is).
 pub async fn wait_for_crd(client: Client, timeout: Duration) -> Result<(), RunError> {
-    let name = LockClaim::crd_name();
-    let crds: Api<CustomResourceDefinition> = Api::all(client);
-    tracing::info!(crd = name, "waiting for the CRD to be established");
-    match tokio::time::timeout(
-        timeout,
-        await_condition(crds, name, conditions::is_crd_established()),
-    )
-    .await
-    {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(RunError::CrdWatch(e)),
-        Err(_) => Err(RunError::CrdNotEstablished {
-            name: name.to_string(),
-            timeout,
-        }),
+    let deadline = tokio::time::Instant::now() + timeout;
+    for name in [LockClaim::crd_name(), crate::api::Lock::crd_name()] {
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        tracing::info!(crd = name, "waiting for the CRD to be established");
+        match tokio::time::timeout_at(
+            deadline,
+            await_condition(crds, name, conditions::is_crd_established()),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(RunError::CrdWatch(e)),
+            Err(_) => {
+                return Err(RunError::CrdNotEstablished {
+                    name: name.to_string(),
+                    timeout,
+                })
+            }
+        }
     }
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -17,7 +17,7 @@ use kube::runtime::WatchStreamExt;
 use kube::{Api, Resource, ResourceExt};
 
 use super::{chaos, Context, LeaseKey};
-use crate::api::{LockClaim, LockClaimSpec};
+use crate::api::{parse_slot_lease, Lock, LockClaim, LockClaimSpec, LockSpec};
 use crate::arbiter::{self, Note, Reason, Target};
 use crate::telemetry::KindLabel;
 
@@ -303,6 +303,45 @@ pub(super) fn claim_seen(ctx: &Context, claim: &LockClaim, deleted: bool) {
     ctx.queue.now(key);
 }
 
+/// A Lock changed (or went): its lock is decided again with the new capacity.
+pub(super) fn lock_seen(ctx: &Context, lock: &Lock) {
+    if let Some(namespace) = lock.namespace() {
+        ctx.queue.now(LeaseKey {
+            namespace,
+            name: lock.name_any(),
+        });
+    }
+}
+
+/// Watches Locks into `writer` (decoded one by one), deciding each one's lock again.
+pub(super) async fn watch_locks(
+    ctx: Arc<Context>,
+    api: Api<DeserializeGuard<Lock>>,
+    writer: Writer<Lock>,
+) {
+    let events = watcher(api, watcher::Config::default())
+        .map_ok(decoding(ctx.clone(), lock_stub))
+        .try_filter_map(|e| ready(Ok(e)))
+        .modify(|l: &mut Lock| l.metadata.managed_fields = None);
+    reflector::reflector(writer, events)
+        .default_backoff()
+        .for_each(|ev| {
+            match ev {
+                Ok(Event::Apply(l) | Event::InitApply(l) | Event::Delete(l)) => lock_seen(&ctx, &l),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "Lock watch error; retrying"),
+            }
+            ready(())
+        })
+        .await
+}
+
+fn lock_stub(_: &Context, meta: &kube::api::ObjectMeta) -> Lock {
+    let mut l = Lock::new("", LockSpec { capacity: 1 });
+    l.metadata = meta.clone();
+    l
+}
+
 /// Drops what the arbiter never reads before a claim enters the cache: managedFields,
 /// labels, annotations (a tenant may annotate its claims with anything, up to the API
 /// server's size limit) and owner references. Finalizers stay: the legacy one is
@@ -327,12 +366,26 @@ pub(super) fn lease_seen(ctx: &Context, lease: &Lease, deleted: bool) {
     let Some(namespace) = lease.namespace() else {
         return;
     };
+    // A slot Lease above 0 belongs to its lock's key.
+    let name = lease.name_any();
+    let (lock, slot) = match parse_slot_lease(&name) {
+        Some((lock, slot)) => (lock.to_string(), slot),
+        None => (name.clone(), 0),
+    };
     let key = LeaseKey {
         namespace,
-        name: lease.name_any(),
+        name: lock,
     };
+    if slot > 0 {
+        ctx.note_slot(&key, slot, !deleted);
+    }
     if let Some(s) = ctx.keys().get_mut(&key) {
-        caught_up(&mut s.lease_rv, lease.resource_version(), deleted);
+        let mut w = s.lease_rvs.get(&slot).copied();
+        caught_up(&mut w, lease.resource_version(), deleted);
+        match w {
+            Some(w) => s.lease_rvs.insert(slot, w),
+            None => s.lease_rvs.remove(&slot),
+        };
     }
     // Leases nobody claims and we did not create (node heartbeats, other controllers'
     // leader election) are not our business.

@@ -47,6 +47,15 @@ pub async fn run(client: Client, ns: &str, kube: &KubeArgs, a: RunArgs) -> ExitC
         Ok(g) => g,
         Err(e) => return lock_error(e),
     };
+    // Listen before the command exists, so that a signal sent as soon as it runs is
+    // forwarded rather than ending this process by its default action.
+    let signals = match Signals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("kubectl lock: cannot listen for signals: {e}");
+            Signals::none()
+        }
+    };
     let mut reaper = match Reaper::start(kube, ns, &guard, &a) {
         Ok(r) => r,
         Err(e) => {
@@ -61,7 +70,7 @@ pub async fn run(client: Client, ns: &str, kube: &KubeArgs, a: RunArgs) -> ExitC
             return ExitCode::from(code);
         }
     };
-    match supervise(&mut reaper, &guard, group).await {
+    match supervise(&mut reaper, &guard, group, signals).await {
         Ending::Exited(code) => {
             if let Err(e) = guard.release().await {
                 eprintln!("kubectl lock: releasing the lock failed: {e}");
@@ -82,14 +91,7 @@ enum Ending {
 }
 
 /// Waits for the command to end, forwarding signals and acting on a lost lock.
-async fn supervise(reaper: &mut Reaper, guard: &Guard, group: i32) -> Ending {
-    let mut signals = match Signals::new() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("kubectl lock: cannot listen for signals: {e}");
-            Signals::none()
-        }
-    };
+async fn supervise(reaper: &mut Reaper, guard: &Guard, group: i32, mut signals: Signals) -> Ending {
     let send = |sig: Signal| {
         let _ = killpg(Pid::from_raw(group), sig);
     };

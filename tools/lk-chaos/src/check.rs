@@ -7,7 +7,7 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{Api, Client, ResourceExt};
-use leasekeeper::api::LockClaim;
+use leasekeeper::api::{slot_lease, LockClaim};
 use testkit::checker::{
     disagreeing_leases, register_log, replay_claims, replay_merged, unsettled_claims, Report,
     DISAGREES, LOST,
@@ -18,13 +18,19 @@ use tokio::time::Instant;
 use crate::holder::LOCK_DELAY;
 
 /// Judges the recorded history, then the cluster as the run leaves it.
-pub async fn check(client: &Client, ns: &str, history: &History, leases: usize) -> Report {
+pub async fn check(
+    client: &Client,
+    ns: &str,
+    history: &History,
+    locks: usize,
+    capacity: u32,
+) -> Report {
     let obs = history.lock().expect("lock").clone();
     let mut r = Report::default();
-    replay_claims(&obs, &mut r);
+    replay_claims(&obs, usize::try_from(capacity).unwrap_or(1), &mut r);
     r.count("states observed", obs.len());
     replay_merged(&obs, LOCK_DELAY, &mut r);
-    let cluster = Cluster::new(client, ns, leases);
+    let cluster = Cluster::new(client, ns, locks, capacity);
     cluster.settled(&mut r).await;
     cluster.everyone_leaves(&mut r).await;
     cluster.registers(&mut r).await;
@@ -40,12 +46,16 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn new(client: &Client, ns: &str, leases: usize) -> Cluster {
+    /// Every slot Lease of every lock.
+    fn new(client: &Client, ns: &str, locks: usize, capacity: u32) -> Cluster {
+        let lease_names = (0..locks)
+            .flat_map(|l| (0..capacity.max(1)).map(move |s| slot_lease(&format!("lock-{l}"), s)))
+            .collect();
         Cluster {
             claims: Api::namespaced(client.clone(), ns),
             leases: Api::namespaced(client.clone(), ns),
             regs: Api::namespaced(client.clone(), ns),
-            lease_names: (0..leases).map(|l| format!("lock-{l}")).collect(),
+            lease_names,
         }
     }
 

@@ -41,7 +41,6 @@ pub async fn run(a: HolderArgs) {
     let client = testkit::client_for(&a.kubeconfig).await;
     let locks = LockClient::new(client.clone(), &a.namespace);
     let regs: Api<ConfigMap> = Api::namespaced(client, &a.namespace);
-    let reg = format!("reg-{}", a.lease);
     let mut rng = StdRng::seed_from_u64(a.seed);
     loop {
         let opts = AcquireOptions {
@@ -61,6 +60,8 @@ pub async fn run(a: HolderArgs) {
             }
         };
         let token = guard.fencing_token();
+        // One register per Lease held: a lock with capacity fences each slot.
+        let reg = format!("reg-{}", guard.lease_name());
         // The work: a number of register writes. An honest holder checks the guard
         // before each one; the negative control ignores it and, once it has lost the
         // lock, goes on writing without the fence check.

@@ -39,6 +39,10 @@ pub struct RunArgs {
     /// Holder processes per Lease.
     #[arg(long, default_value_t = 4)]
     pub holders: usize,
+    /// Capacity of each lock (a Lock object is created when above 1): the semaphore
+    /// mode, checked for at most this many Granted per lock and one per slot Lease.
+    #[arg(long, default_value_t = 1)]
+    pub capacity: u32,
     /// Operator replicas.
     #[arg(long, default_value_t = 3)]
     pub replicas: usize,
@@ -218,6 +222,9 @@ async fn setup(a: RunArgs, seed: u64) -> (World, Client) {
     let replicas = (0..a.replicas)
         .map(|i| spawn_replica(&a, &format!("op-{i}"), &ns))
         .collect();
+    if a.capacity > 1 {
+        create_locks(&client, &ns, a.leases, a.capacity).await;
+    }
     let mut w = World {
         ignore_lost: a.break_.as_deref() == Some("holder-ignores-lost"),
         rng: StdRng::seed_from_u64(seed),
@@ -240,6 +247,17 @@ async fn setup(a: RunArgs, seed: u64) -> (World, Client) {
         }
     }
     (w, client)
+}
+
+/// One Lock of `capacity` per lock `lock-<l>`.
+async fn create_locks(client: &Client, ns: &str, locks: usize, capacity: u32) {
+    use leasekeeper::api::{Lock, LockSpec};
+    let api: Api<Lock> = Api::namespaced(client.clone(), ns);
+    let capacity = i32::try_from(capacity).unwrap_or(i32::MAX);
+    for l in 0..locks {
+        let lock = Lock::new(&format!("lock-{l}"), LockSpec { capacity });
+        api.create(&Default::default(), &lock).await.expect("Lock");
+    }
 }
 
 pub async fn run(a: RunArgs) -> std::process::ExitCode {
@@ -269,7 +287,7 @@ pub async fn run(a: RunArgs) -> std::process::ExitCode {
         let _ = h.child.start_kill();
     }
     tokio::time::sleep(Duration::from_secs(8)).await;
-    let mut report = check::check(&client, &w.ns, &history, w.args.leases).await;
+    let mut report = check::check(&client, &w.ns, &history, w.args.leases, w.args.capacity).await;
     report
         .violations
         .insert(checker::NON_LEADER_WROTE, non_leader_writes);
@@ -360,8 +378,8 @@ fn summarize(
         format!("# lk-chaos summary (seed {seed})"),
         String::new(),
         format!(
-            "{} Leases, {} holders each, {} operator replicas, {:?} of faults{control}.",
-            a.leases, a.holders, a.replicas, a.duration
+            "{} locks of capacity {}, {} holders each, {} operator replicas, {:?} of faults{control}.",
+            a.leases, a.capacity, a.holders, a.replicas, a.duration
         ),
         String::new(),
         "| check | violations |".into(),

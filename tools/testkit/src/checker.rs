@@ -24,6 +24,7 @@ pub const LOG_KEY: &str = "log";
 pub const REFUSED_KEY: &str = "refused";
 
 pub const TWO_GRANTED: &str = "(a) two Granted at once";
+pub const OVER_CAPACITY: &str = "(a) more Granted on a lock than its capacity";
 pub const NOT_NAMED: &str = "(a) a Granted claim its Lease does not name";
 pub const DISAGREES: &str = "(b) Lease disagrees once settled";
 pub const TOKEN: &str = "(c) fencing token not increasing";
@@ -45,6 +46,7 @@ impl Default for Report {
     fn default() -> Self {
         let checks = [
             TWO_GRANTED,
+            OVER_CAPACITY,
             NOT_NAMED,
             DISAGREES,
             TOKEN,
@@ -95,7 +97,8 @@ struct LastGrant {
 fn note_grant(c: &Obs, last: &mut HashMap<String, LastGrant>, r: &mut Report) {
     r.count("grants", 1);
     let t = c.token.unwrap_or(0);
-    let m = last.entry(c.lease.clone()).or_default();
+    // Tokens rise per lock, across its slots: one etcd revision counter.
+    let m = last.entry(c.lock.clone()).or_default();
     if t <= m.token {
         r.flag(
             TOKEN,
@@ -110,9 +113,10 @@ fn note_grant(c: &Obs, last: &mut HashMap<String, LastGrant>, r: &mut Report) {
     m.holder.clone_from(&c.holder);
 }
 
-/// (a) two Granted at once and (c) rising tokens, replaying the claims' watch stream in
-/// order; also counts grants, expiries and releases.
-pub fn replay_claims(obs: &[Obs], r: &mut Report) {
+/// (a) two Granted at once on one Lease, or more than `capacity` on one lock, and (c)
+/// rising tokens, replaying the claims' watch stream in order; also counts grants,
+/// expiries and releases.
+pub fn replay_claims(obs: &[Obs], capacity: usize, r: &mut Report) {
     let mut latest: HashMap<String, Obs> = HashMap::new();
     let mut last_grant: HashMap<String, LastGrant> = HashMap::new();
     // A re-list replaces what the watcher knows: objects deleted while the watch was
@@ -163,21 +167,36 @@ pub fn replay_claims(obs: &[Obs], r: &mut Report) {
         } else {
             latest.insert(o.name.clone(), o.clone());
         }
-        two_granted(&latest, o.rv, r);
+        two_granted(&latest, o.rv, capacity, r);
     }
 }
 
-fn two_granted(latest: &HashMap<String, Obs>, rv: u64, r: &mut Report) {
-    let mut per: HashMap<&str, Vec<&str>> = HashMap::new();
+fn two_granted(latest: &HashMap<String, Obs>, rv: u64, capacity: usize, r: &mut Report) {
+    let mut per_lease: HashMap<&str, Vec<&str>> = HashMap::new();
+    let mut per_lock: HashMap<&str, Vec<&str>> = HashMap::new();
     for c in latest.values().filter(|c| c.phase == Some(Phase::Granted)) {
-        per.entry(c.lease.as_str())
+        per_lease
+            .entry(c.lease.as_str())
+            .or_default()
+            .push(c.name.as_str());
+        per_lock
+            .entry(c.lock.as_str())
             .or_default()
             .push(c.name.as_str());
     }
-    for (lease, mut names) in per {
+    for (lease, mut names) in per_lease {
         if names.len() > 1 {
             names.sort();
             r.flag(TWO_GRANTED, format!("{lease}: {names:?} (rv {rv})"));
+        }
+    }
+    for (lock, mut names) in per_lock {
+        if names.len() > capacity {
+            names.sort();
+            r.flag(
+                OVER_CAPACITY,
+                format!("{lock} (capacity {capacity}): {names:?} (rv {rv})"),
+            );
         }
     }
 }
@@ -485,9 +504,17 @@ pub fn disagreeing_leases(
             .and_then(|l| l.spec.as_ref())
             .and_then(|s| s.holder_identity.clone())
             .filter(|h| !h.is_empty());
+        // The Lease a Granted claim holds: status.lease (a slot of a lock with
+        // capacity), else the one it names.
+        let held = |c: &LockClaim| {
+            c.status
+                .as_ref()
+                .and_then(|s| s.lease.clone())
+                .unwrap_or_else(|| c.spec.lease_name.clone())
+        };
         let granted: Vec<&LockClaim> = claims
             .iter()
-            .filter(|c| c.spec.lease_name == *name && c.phase() == Some(Phase::Granted))
+            .filter(|c| held(c) == *name && c.phase() == Some(Phase::Granted))
             .collect();
         let agree = match (granted.as_slice(), holder.as_deref()) {
             ([], None) | ([], Some("intruder")) => true,

@@ -98,6 +98,28 @@ impl History {
         states.len()
     }
 
+    /// Replays the stream: after every observed change, the claims Granted then.
+    pub fn granted_states(&self) -> Vec<(Instant, Vec<LockClaim>)> {
+        let mut latest: BTreeMap<String, LockClaim> = BTreeMap::new();
+        let states = self.seen.lock().expect("lock").clone();
+        let mut out = Vec::with_capacity(states.len());
+        for (t, c, deleted) in states {
+            let name = c.metadata.name.clone().unwrap_or_default();
+            if deleted {
+                latest.remove(&name);
+            } else {
+                latest.insert(name, c);
+            }
+            let granted = latest
+                .values()
+                .filter(|c| c.phase() == Some(Phase::Granted))
+                .cloned()
+                .collect();
+            out.push((t, granted));
+        }
+        out
+    }
+
     /// Whether `name` was ever seen in `phase`.
     pub fn ever(&self, name: &str, phase: Phase) -> bool {
         self.states()

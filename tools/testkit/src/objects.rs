@@ -102,6 +102,7 @@ pub fn spec(lease: &str) -> LockClaimSpec {
         release: false,
         max_hold_seconds: None,
         ttl_seconds_after_finished: None,
+        acquire_timeout_seconds: None,
     }
 }
 

@@ -32,8 +32,12 @@ pub struct Obs {
     pub kind: Kind,
     pub name: String,
     pub rv: u64,
-    /// The Lease a claim names (a Lease: its own name).
+    /// The Lease a claim holds or last held (status.lease; else the one it names); a
+    /// Lease: its own name.
     pub lease: String,
+    /// The lock: a claim's spec.leaseName; a Lease's lock (its name, without a
+    /// `-slot-<i>` suffix).
+    pub lock: String,
     pub phase: Option<Phase>,
     pub token: Option<i64>,
     /// A claim's identity; a Lease's holderIdentity.
@@ -59,6 +63,7 @@ impl Obs {
             name: String::new(),
             rv: 0,
             lease: String::new(),
+            lock: String::new(),
             phase: None,
             token: None,
             holder: None,
@@ -84,7 +89,12 @@ impl Obs {
             reason: c.condition("Granted").map(|x| x.reason.clone()),
             name: c.name_any(),
             rv: rv_of(c),
-            lease: c.spec.lease_name.clone(),
+            lease: c
+                .status
+                .as_ref()
+                .and_then(|s| s.lease.clone())
+                .unwrap_or_else(|| c.spec.lease_name.clone()),
+            lock: c.spec.lease_name.clone(),
             phase: c.phase(),
             token: c.status.as_ref().and_then(|s| s.fencing_token),
             holder: Some(c.identity()),
@@ -105,6 +115,8 @@ impl Obs {
             name: l.name_any(),
             rv: rv_of(l),
             lease: l.name_any(),
+            lock: leasekeeper::api::parse_slot_lease(&l.name_any())
+                .map_or_else(|| l.name_any(), |(lock, _)| lock.to_string()),
             holder: spec
                 .and_then(|s| s.holder_identity.clone())
                 .filter(|h| !h.is_empty()),

@@ -25,7 +25,9 @@ pub async fn run(b: &Bench, r: &mut Report) {
         (20, 50, 10)
     };
     let names: Vec<String> = (0..nss).map(|i| format!("bench-scale-{i:02}")).collect();
+    let plane = PlaneCpu::start(b);
     let (t_settle, t_drain, total) = scale(&b.client, &names, per_ns, per_lease, "scale").await;
+    let plane = plane.cores(t_settle + t_drain);
     let (hwm_kb, cpu_s) = proc_stats(b.op_pid);
     r.add("## 4. Scale");
     r.add(String::new());
@@ -48,7 +50,51 @@ pub async fn run(b: &Bench, r: &mut Report) {
     r.add(format!(
         "| operator CPU (user+system, whole run so far) | {cpu_s:.1} s |"
     ));
+    r.add(format!(
+        "| kube-apiserver / etcd CPU during this scenario, in cores (of {}) | {:.2} / {:.2} |",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        plane.0,
+        plane.1
+    ));
     r.add(String::new());
+}
+
+/// CPU of the control plane's kube-apiserver and etcd (pids from the plane directory
+/// beside the kubeconfig), to tell what bounds a scenario.
+pub(super) struct PlaneCpu {
+    pids: [u32; 2],
+    start: [f64; 2],
+}
+
+impl PlaneCpu {
+    pub(super) fn start(b: &Bench) -> PlaneCpu {
+        let dir = b
+            .args
+            .kubeconfig
+            .parent()
+            .map(|d| d.to_path_buf())
+            .unwrap_or_default();
+        let pid = |f: &str| {
+            std::fs::read_to_string(dir.join(f))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let pids = [pid("apiserver.pid"), pid("etcd.pid")];
+        PlaneCpu {
+            pids,
+            start: pids.map(|p| proc_stats(p).1),
+        }
+    }
+
+    /// Average cores used by (kube-apiserver, etcd) since `start`, over `wall`.
+    pub(super) fn cores(&self, wall: Duration) -> (f64, f64) {
+        let w = wall.as_secs_f64().max(1e-9);
+        let used = |i: usize| (proc_stats(self.pids[i]).1 - self.start[i]) / w;
+        (used(0), used(1))
+    }
 }
 
 /// `per_lease` claims on each of `per_ns` Leases in each of `names` (labelled

@@ -24,6 +24,7 @@ fn claim(name: &str, rv: u64, phase: Phase, token: Option<i64>) -> Obs {
         name: name.into(),
         rv,
         lease: "lock-0".into(),
+        lock: "lock-0".into(),
         phase: Some(phase),
         token,
         holder: Some(name.into()),
@@ -37,6 +38,7 @@ fn lease(rv: u64, holder: Option<&str>, renew_ms: i64, seen_ms: i64) -> Obs {
     Obs {
         name: "lock-0".into(),
         lease: "lock-0".into(),
+        lock: "lock-0".into(),
         rv,
         holder: holder.map(str::to_string),
         renew: Some(at(renew_ms)),
@@ -48,7 +50,7 @@ fn lease(rv: u64, holder: Option<&str>, renew_ms: i64, seen_ms: i64) -> Obs {
 
 fn replayed(obs: &[Obs]) -> Report {
     let mut r = Report::default();
-    replay_claims(obs, &mut r);
+    replay_claims(obs, 1, &mut r);
     replay_merged(obs, std::time::Duration::from_secs(1), &mut r);
     r
 }
@@ -315,4 +317,36 @@ fn a_write_that_lands_after_a_successor_took_leadership_is_reported() {
         2,
         "after its release, and after op-1 led"
     );
+}
+
+/// A claim Granted on slot `slot` of lock `lock-0`.
+fn on_slot(name: &str, rv: u64, slot: u32, token: i64) -> Obs {
+    Obs {
+        lease: leasekeeper::api::slot_lease("lock-0", slot),
+        ..claim(name, rv, Phase::Granted, Some(token))
+    }
+}
+
+#[test]
+fn a_lock_with_capacity_holds_one_claim_per_slot_and_no_more_than_its_capacity() {
+    let three = [
+        on_slot("a", 1, 0, 1),
+        on_slot("b", 2, 1, 2),
+        on_slot("c", 3, 2, 3),
+    ];
+    let mut r = Report::default();
+    replay_claims(&three, 3, &mut r);
+    assert!(clean(&r), "{:?}", r.violations);
+    let mut r = Report::default();
+    replay_claims(&three, 2, &mut r);
+    assert_eq!(r.of(OVER_CAPACITY).len(), 1, "{:?}", r.violations);
+    let shared = [on_slot("a", 1, 1, 1), on_slot("b", 2, 1, 2)];
+    let mut r = Report::default();
+    replay_claims(&shared, 3, &mut r);
+    assert_eq!(r.of(TWO_GRANTED).len(), 1, "{:?}", r.violations);
+    // Tokens rise per lock, across slots.
+    let back = [on_slot("a", 1, 0, 5), on_slot("b", 2, 1, 4)];
+    let mut r = Report::default();
+    replay_claims(&back, 3, &mut r);
+    assert_eq!(r.of(TOKEN).len(), 1, "{:?}", r.violations);
 }

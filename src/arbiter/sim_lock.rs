@@ -1,0 +1,427 @@
+//! A model of the API server for a lock with capacity: claims and the lock's slot
+//! Leases, resourceVersions from one global revision, preconditions on every write,
+//! and the lock's invariants checked after every single write.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::lock::{decide_lock, LockInput, LockMemory, LockPlan, LockStep};
+use super::{Config, LeaseWriteKind, Now, Step, CLAIM_ANNOTATION};
+use crate::api::{LockClaim, LockClaimSpec, Phase, Renewal};
+
+pub const LOCK: &str = "pool";
+
+pub struct LockWorld {
+    pub claims: BTreeMap<String, LockClaim>,
+    pub leases: BTreeMap<u32, Lease>,
+    pub capacity: u32,
+    pub rv: u64,
+    pub wall: Timestamp,
+    pub mono: Duration,
+    pub memory: LockMemory,
+    pub config: Config,
+    pub max_token: i64,
+    pub grants: usize,
+    pub violations: Vec<String>,
+    /// The negative control: apply the plans of slots with a new grant before the
+    /// others (the holders leaving), breaking the write order across slots.
+    pub grants_first: bool,
+}
+
+#[derive(Debug)]
+pub struct Conflict;
+
+impl Default for LockWorld {
+    fn default() -> Self {
+        LockWorld {
+            claims: BTreeMap::new(),
+            leases: BTreeMap::new(),
+            capacity: 3,
+            rv: 100,
+            wall: Timestamp::from_millisecond(1_800_000_000_700).expect("valid"),
+            mono: Duration::from_secs(1000),
+            memory: LockMemory::default(),
+            config: Config {
+                gc_grace: Duration::from_secs(60),
+                exact_positions: 3,
+                position_delay: Duration::from_secs(1),
+            },
+            max_token: 0,
+            grants: 0,
+            violations: Vec::new(),
+            grants_first: false,
+        }
+    }
+}
+
+pub fn spec(duration: i32) -> LockClaimSpec {
+    LockClaimSpec {
+        lease_duration_seconds: duration,
+        ..LockClaimSpec::for_lease(LOCK)
+    }
+}
+
+impl LockWorld {
+    fn next_rv(&mut self) -> String {
+        self.rv += 1;
+        self.rv.to_string()
+    }
+
+    pub fn create(&mut self, name: &str, spec: LockClaimSpec) {
+        let mut c = LockClaim::new(name, spec);
+        c.metadata.namespace = Some("ns".into());
+        c.metadata.generation = Some(1);
+        let secs = self.wall.as_second();
+        c.metadata.creation_timestamp = Some(Time(Timestamp::from_second(secs).expect("valid")));
+        c.metadata.resource_version = Some(self.next_rv());
+        c.metadata.uid = Some(format!("uid-{}", self.rv));
+        self.claims.insert(name.into(), c);
+    }
+
+    pub fn delete(&mut self, name: &str) {
+        if self.claims.remove(name).is_some() {
+            self.rv += 1;
+        }
+    }
+
+    pub fn release(&mut self, name: &str) {
+        let rv = self.next_rv();
+        if let Some(c) = self.claims.get_mut(name) {
+            if !c.spec.release {
+                c.spec.release = true;
+                c.metadata.generation = Some(c.metadata.generation.unwrap_or(1) + 1);
+                c.metadata.resource_version = Some(rv);
+            }
+        }
+    }
+
+    pub fn advance(&mut self, d: Duration) {
+        self.mono += d;
+        self.wall = self
+            .wall
+            .checked_add(jiff::SignedDuration::try_from(d).unwrap_or_default())
+            .unwrap_or(self.wall);
+    }
+
+    pub fn restart(&mut self) {
+        self.memory = LockMemory::default();
+    }
+
+    pub fn plan(&self) -> LockPlan {
+        let claims: Vec<&LockClaim> = self.claims.values().collect();
+        let leases: BTreeMap<u32, &Lease> = self.leases.iter().map(|(s, l)| (*s, l)).collect();
+        decide_lock(&LockInput {
+            lock_name: LOCK,
+            capacity: self.capacity,
+            claims: &claims,
+            leases: &leases,
+            memory: &self.memory,
+            now: Now {
+                wall: self.wall,
+                mono: self.mono,
+            },
+            config: self.config,
+        })
+    }
+
+    pub fn rvs(&self) -> HashMap<String, String> {
+        self.claims
+            .iter()
+            .map(|(n, c)| {
+                (
+                    n.clone(),
+                    c.metadata.resource_version.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    pub fn reconcile(&mut self) -> LockPlan {
+        let plan = self.plan();
+        let snap = self.rvs();
+        self.apply(&plan, &snap, usize::MAX, self.capacity);
+        plan
+    }
+
+    /// Reconciles until a plan makes no write (at most 10 rounds); false if it did not.
+    pub fn settle(&mut self) -> bool {
+        for _ in 0..10 {
+            let plan = self.reconcile();
+            if !plan.steps.iter().any(|s| !matches!(s.step, Step::Event(_))) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The plan's steps in the order they are applied (see `grants_first`).
+    fn ordered(&self, plan: &LockPlan) -> Vec<LockStep> {
+        if !self.grants_first {
+            return plan.steps.clone();
+        }
+        let granting: Vec<u32> = plan
+            .steps
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s.step,
+                    Step::SetStatus {
+                        fill_token: true,
+                        ..
+                    }
+                )
+            })
+            .map(|s| s.slot)
+            .collect();
+        let (first, rest): (Vec<LockStep>, Vec<LockStep>) = plan
+            .steps
+            .iter()
+            .cloned()
+            .partition(|s| granting.contains(&s.slot) && !is_lock_level(s));
+        first.into_iter().chain(rest).collect()
+    }
+
+    /// Applies up to `limit` steps of `plan`, decided when claims had `snapshot`'s
+    /// resourceVersions and the capacity was `capacity`; stops at the first refused
+    /// write. Memory is kept only if every step landed.
+    pub fn apply(
+        &mut self,
+        plan: &LockPlan,
+        snapshot: &HashMap<String, String>,
+        limit: usize,
+        capacity: u32,
+    ) -> bool {
+        let mut rvs = snapshot.clone();
+        let mut last_lease_rv = None;
+        for (i, s) in self.ordered(plan).iter().enumerate() {
+            if i >= limit
+                || self
+                    .step(s, &mut rvs, &mut last_lease_rv, capacity)
+                    .is_err()
+            {
+                return false;
+            }
+            if let Err(e) = self.check() {
+                self.violations.push(format!("after step {i} {s:?}: {e}"));
+                return false;
+            }
+        }
+        self.memory = plan.memory.clone();
+        for m in self.memory.slots.values_mut() {
+            m.rebase_grant(self.mono);
+        }
+        true
+    }
+
+    fn step(
+        &mut self,
+        s: &LockStep,
+        rvs: &mut HashMap<String, String>,
+        last_lease_rv: &mut Option<i64>,
+        capacity: u32,
+    ) -> Result<(), Conflict> {
+        let next_rv = (self.rv + 1).to_string();
+        match &s.step {
+            Step::Event(_) => return Ok(()),
+            Step::VerifyLease { resource_version } => {
+                let have = self
+                    .leases
+                    .get(&s.slot)
+                    .and_then(|l| l.metadata.resource_version.clone());
+                return if &have == resource_version {
+                    Ok(())
+                } else {
+                    Err(Conflict)
+                };
+            }
+            Step::AddFinalizer { .. } | Step::RemoveFinalizer { .. } => {}
+            Step::SetStatus {
+                claim,
+                status,
+                fill_token,
+            } => {
+                let c = self.claims.get_mut(claim).ok_or(Conflict)?;
+                if rvs.get(claim) != c.metadata.resource_version.as_ref() {
+                    return Err(Conflict);
+                }
+                let mut st = status.clone();
+                if *fill_token {
+                    st.fencing_token = *last_lease_rv;
+                }
+                let newly = st.phase == Some(Phase::Granted) && c.phase() != Some(Phase::Granted);
+                c.status = Some(st.clone());
+                c.metadata.resource_version = Some(next_rv.clone());
+                rvs.insert(claim.clone(), next_rv);
+                if newly {
+                    self.on_grant(claim, st.fencing_token.unwrap_or_default());
+                }
+            }
+            Step::WriteLease { lease, kind } => {
+                let want = lease.metadata.resource_version.clone();
+                let have = self
+                    .leases
+                    .get(&s.slot)
+                    .and_then(|l| l.metadata.resource_version.clone());
+                if want != have {
+                    return Err(Conflict);
+                }
+                let mut l = (**lease).clone();
+                l.metadata.resource_version = Some(next_rv.clone());
+                *last_lease_rv = next_rv.parse().ok();
+                self.leases.insert(s.slot, l);
+                if matches!(kind, LeaseWriteKind::Create | LeaseWriteKind::Grant) {
+                    self.on_slot_granted(s.slot, capacity);
+                }
+            }
+            Step::DeleteLease { resource_version } => {
+                let have = self
+                    .leases
+                    .get(&s.slot)
+                    .and_then(|l| l.metadata.resource_version.clone());
+                if have.as_ref() != Some(resource_version) {
+                    return Err(Conflict);
+                }
+                self.leases.remove(&s.slot);
+            }
+            Step::DeleteClaim { claim } => {
+                self.delete(claim);
+                return Ok(());
+            }
+        }
+        self.rv += 1;
+        Ok(())
+    }
+
+    fn on_grant(&mut self, claim: &str, token: i64) {
+        self.grants += 1;
+        if token <= self.max_token {
+            self.violations.push(format!(
+                "{claim}: fencing token {token} not above {}",
+                self.max_token
+            ));
+        }
+        self.max_token = token;
+    }
+
+    /// A slot's Lease was just granted (the moment a claim holds it): no more live
+    /// claims may hold slots than the capacity the grant was decided with. (A claim's
+    /// Granted status may follow later, even after the capacity was lowered: lowering
+    /// revokes nobody, including a holder whose status had not caught up.)
+    fn on_slot_granted(&mut self, slot: u32, capacity: u32) {
+        let holding = self.holding();
+        if holding.len() > usize::try_from(capacity).unwrap_or(usize::MAX) {
+            self.violations.push(format!(
+                "slot {slot} granted while {holding:?} hold a lock of capacity {capacity}"
+            ));
+        }
+    }
+
+    /// Live claims that a slot Lease names (our grant annotation); one that asked to be
+    /// released still holds until the operator has ended it.
+    pub fn holding(&self) -> Vec<String> {
+        self.leases
+            .values()
+            .filter_map(|l| {
+                l.metadata
+                    .annotations
+                    .as_ref()?
+                    .get(CLAIM_ANNOTATION)
+                    .cloned()
+            })
+            .filter(|n| {
+                self.claims
+                    .get(n)
+                    .is_some_and(|c| !c.phase().is_some_and(Phase::is_terminal))
+            })
+            .collect()
+    }
+
+    pub fn granted(&self) -> Vec<&LockClaim> {
+        self.claims
+            .values()
+            .filter(|c| c.phase() == Some(Phase::Granted))
+            .collect()
+    }
+
+    /// At every observable moment: each Granted claim's status names a slot whose Lease
+    /// is our grant to it, and no two share a slot.
+    pub fn check(&self) -> Result<(), String> {
+        let mut slots = BTreeMap::new();
+        for c in self.granted() {
+            let st = c.status.as_ref().ok_or("Granted without status")?;
+            let slot = st
+                .slot
+                .and_then(|s| u32::try_from(s).ok())
+                .ok_or("Granted without a slot")?;
+            if let Some(other) = slots.insert(slot, c.metadata.name.clone()) {
+                return Err(format!(
+                    "{other:?} and {:?} both Granted slot {slot}",
+                    c.metadata.name
+                ));
+            }
+            let annotated = self
+                .leases
+                .get(&slot)
+                .and_then(|l| l.metadata.annotations.as_ref())
+                .and_then(|a| a.get(CLAIM_ANNOTATION));
+            if annotated != c.metadata.name.as_ref() {
+                return Err(format!(
+                    "{:?} Granted slot {slot} but its Lease names {annotated:?}",
+                    c.metadata.name
+                ));
+            }
+            let want = crate::api::slot_lease(LOCK, slot);
+            if st.lease.as_deref() != Some(want.as_str()) {
+                return Err(format!(
+                    "{:?} names Lease {:?}, not {want}",
+                    c.metadata.name, st.lease
+                ));
+            }
+        }
+        match self.violations.first() {
+            Some(v) => Err(v.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Once settled: min(capacity, live claims) hold, unless holders above the capacity
+    /// are still held over from a larger one; every other live claim waits.
+    pub fn check_settled(&self) -> Result<(), String> {
+        self.check()?;
+        let live: Vec<&LockClaim> = self
+            .claims
+            .values()
+            .filter(|c| !c.phase().is_some_and(Phase::is_terminal))
+            .collect();
+        let held = self.granted().len();
+        let cap = usize::try_from(self.capacity).unwrap_or(usize::MAX);
+        let should = live.len().min(cap);
+        if held < should {
+            return Err(format!("{held} hold, {} live, capacity {cap}", live.len()));
+        }
+        if let Some(c) = live
+            .iter()
+            .find(|c| c.phase() != Some(Phase::Granted) && c.phase() != Some(Phase::Pending))
+        {
+            return Err(format!("{:?} is {:?}", c.metadata.name, c.phase()));
+        }
+        Ok(())
+    }
+}
+
+fn is_lock_level(s: &LockStep) -> bool {
+    matches!(&s.step, Step::SetStatus { fill_token: false, status, .. } if status.phase != Some(Phase::Granted))
+        && s.slot == 0
+}
+
+/// A claim renewed by its holder with this duration.
+pub fn holder_spec(duration: i32) -> LockClaimSpec {
+    LockClaimSpec {
+        renewal: Renewal::Holder,
+        ..spec(duration)
+    }
+}
