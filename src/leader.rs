@@ -129,6 +129,25 @@ impl Term {
         let s = self.state();
         !s.ended && s.until.is_none_or(|u| Instant::now() < u)
     }
+
+    /// How long the term still runs as things stand (None: no end; zero once ended).
+    pub fn remaining(&self) -> Option<Duration> {
+        let s = self.state();
+        if s.ended {
+            return Some(Duration::ZERO);
+        }
+        s.until.map(|u| u.saturating_duration_since(Instant::now()))
+    }
+
+    /// Runs `work` only as long as the term runs as things stand when it starts: a
+    /// request still waiting for a connection when the term ends (the API server down,
+    /// say) is abandoned instead of being sent later. None if it was abandoned.
+    pub async fn within<F: std::future::Future>(&self, work: F) -> Option<F::Output> {
+        match self.remaining() {
+            None => Some(work.await),
+            Some(d) => tokio::time::timeout(d, work).await.ok(),
+        }
+    }
 }
 
 /// Leadership held. Renews in the background; [`Leadership::lost`] resolves when a
@@ -418,6 +437,28 @@ impl Leadership {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn work_is_abandoned_when_the_term_ends_and_runs_to_its_end_without_one() {
+        let term = Term::until(Instant::now() + Duration::from_secs(2));
+        let slow = tokio::time::sleep(Duration::from_secs(5));
+        assert!(term.within(slow).await.is_none(), "outlived the term");
+        let quick = async { 7 };
+        let term = Term::until(Instant::now() + Duration::from_secs(2));
+        assert_eq!(term.within(quick).await, Some(7));
+        term.end();
+        assert_eq!(term.remaining(), Some(Duration::ZERO));
+        assert!(term
+            .within(tokio::time::sleep(Duration::from_millis(1)))
+            .await
+            .is_none());
+        let free = Term::unbounded();
+        assert_eq!(
+            free.within(tokio::time::sleep(Duration::from_secs(60)))
+                .await,
+            Some(())
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_term_is_current_until_its_end_and_extending_never_shortens_it() {

@@ -73,12 +73,14 @@ pub async fn execute(
     for step in sabotaged(&plan.steps, leases) {
         // A write decided as leader is made only while the term lasts: a leader that
         // froze mid-plan and woke past its term stops here (reads and Events go on).
+        let ended = || Error::TermEnded {
+            lease: key.name.clone(),
+        };
         if is_write(&step.step) && !ctx.term.is_current() {
-            return Err(Error::TermEnded {
-                lease: key.name.clone(),
-            });
+            return Err(ended());
         }
-        x.step(&step).await?;
+        // Nor may a write wait past the term for the API server and land after it.
+        ctx.term.within(x.step(&step)).await.ok_or_else(ended)??;
     }
     Ok(x.written)
 }

@@ -42,10 +42,11 @@ pub(super) async fn publish(ctx: &Context, key: &LeaseKey, plan: &LockPlan, r: &
         "status": status,
     });
     let pp = PatchParams::apply(MANAGER).force();
-    if let Err(e) = api
-        .patch_status(&lock.name_any(), &pp, &Patch::Apply(&body))
-        .await
-    {
+    let write = ctx
+        .term
+        .within(api.patch_status(&lock.name_any(), &pp, &Patch::Apply(&body)))
+        .await;
+    if let Some(Err(e)) = write {
         tracing::warn!(namespace = %key.namespace, lock = %key.name, error = %e, "cannot write the Lock's status");
     }
 }

@@ -240,16 +240,16 @@ impl Context {
                 "metadata": {"resourceVersion": meta.resource_version},
                 "status": null,
             });
-            match api
-                .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => tracing::info!(
+            let (pp, merge) = (PatchParams::default(), Patch::Merge(&patch));
+            let write = api.patch_status(name, &pp, &merge);
+            match self.term.within(write).await {
+                None => {}
+                Some(Ok(_)) => tracing::info!(
                     namespace = ns,
                     name,
                     "cleared a status that could not be decoded"
                 ),
-                Err(e) => {
+                Some(Err(e)) => {
                     tracing::warn!(namespace = ns, name, error = %e, "cannot clear the status of a claim that cannot be decoded")
                 }
             }

@@ -52,22 +52,24 @@ async fn watch_events(b: &Bench, kind: &str) -> f64 {
         .sum()
 }
 
-/// Claims granted one after another on fresh Leases in one namespace, each deleted once
-/// granted, every `every`: when each started and how long its grant took.
-struct Probe {
+/// One operation every `every`, each timed: when it started and how long it took.
+struct Sampler {
     samples: Arc<Mutex<Vec<(Instant, Duration)>>>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Probe {
-    async fn start(client: &Client, ns: &str, every: Duration) -> Probe {
-        testkit::create_namespace(client, ns, &[]).await;
-        let (seen, watch_task) = Seen::start(client, ns).await;
-        let api: Api<LockClaim> = Api::namespaced(client.clone(), ns);
+impl Sampler {
+    /// Runs `op(i)` every `every` until [`Sampler::finish`]; `op` returns when the
+    /// operation was done (None: it failed and is left out).
+    fn start<F, Fut>(every: Duration, mut op: F) -> Sampler
+    where
+        F: FnMut(u64) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Option<Instant>> + Send,
+    {
         let samples: Arc<Mutex<Vec<(Instant, Duration)>>> = Arc::default();
         let (stop, mut stopped) = watch::channel(false);
-        let (ns, out) = (ns.to_string(), samples.clone());
+        let out = samples.clone();
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             for i in 0.. {
@@ -75,23 +77,13 @@ impl Probe {
                     _ = stopped.wait_for(|s| *s) => break,
                     _ = tick.tick() => {}
                 }
-                let name = format!("p{i}");
-                let claim = LockClaim::new(&name, spec(&name, Renewal::Holder, 3600));
                 let t0 = Instant::now();
-                if api.create(&PostParams::default(), &claim).await.is_err() {
-                    continue;
+                if let Some(done) = op(i).await {
+                    out.lock().expect("lock").push((t0, done - t0));
                 }
-                let granted = seen
-                    .wait(&ns, &name, Phase::Granted, Duration::from_secs(60))
-                    .await;
-                if let Some(t) = granted {
-                    out.lock().expect("lock").push((t0, t - t0));
-                }
-                let _ = api.delete(&name, &DeleteParams::default()).await;
             }
-            watch_task.abort();
         });
-        Probe {
+        Sampler {
             samples,
             stop,
             task,
@@ -109,6 +101,51 @@ impl Probe {
         let taken = samples.lock().expect("lock").clone();
         taken
     }
+}
+
+/// Claims granted one after another on fresh Leases in `ns`, each deleted once granted:
+/// grant latency, creation to the creator's watch seeing Granted.
+async fn grant_probe(client: &Client, ns: &str, every: Duration) -> Sampler {
+    testkit::create_namespace(client, ns, &[]).await;
+    let (seen, _watch) = Seen::start(client, ns).await;
+    let api: Api<LockClaim> = Api::namespaced(client.clone(), ns);
+    let ns = ns.to_string();
+    Sampler::start(every, move |i| {
+        let (api, seen, ns) = (api.clone(), seen.clone(), ns.clone());
+        async move {
+            let name = format!("p{i}");
+            let claim = LockClaim::new(&name, spec(&name, Renewal::Holder, 3600));
+            api.create(&PostParams::default(), &claim).await.ok()?;
+            let granted = seen
+                .wait(&ns, &name, Phase::Granted, Duration::from_secs(60))
+                .await;
+            let _ = api.delete(&name, &DeleteParams::default()).await;
+            granted
+        }
+    })
+}
+
+/// One Lease created (and deleted) by the harness in `ns` each time: the latency of a
+/// single write at that moment, the floor under a grant.
+async fn floor_probe(client: &Client, ns: &str, every: Duration) -> Sampler {
+    testkit::create_namespace(client, ns, &[]).await;
+    let api: Api<Lease> = Api::namespaced(client.clone(), ns);
+    Sampler::start(every, move |i| {
+        let api = api.clone();
+        async move {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(format!("f{i}")),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(LeaseSpec::default()),
+            };
+            api.create(&PostParams::default(), &lease).await.ok()?;
+            let done = Instant::now();
+            let _ = api.delete(&format!("f{i}"), &DeleteParams::default()).await;
+            Some(done)
+        }
+    })
 }
 
 /// (a) The cost of `kube-node-lease` at scale.
@@ -191,7 +228,7 @@ async fn window_cost(
 ) -> WindowCost {
     let (_, cpu0) = proc_stats(b.op_pid);
     let events0 = watch_events(b, "Lease").await;
-    let probe = Probe::start(&b.client, probe_ns, Duration::from_secs(1)).await;
+    let probe = grant_probe(&b.client, probe_ns, Duration::from_secs(1)).await;
     let deadline = Instant::now() + window;
     let mut writes = 0;
     while n > 0 && Instant::now() < deadline {
@@ -314,24 +351,33 @@ async fn create_granted(
         .await;
 }
 
-/// (c) A quiet namespace's grants while another namespace churns.
+/// (c) A quiet namespace's grants while another namespace churns, beside the floor: one
+/// Lease create by the harness at the same moments, so that what the API server's own
+/// load adds shows apart from what the operator adds.
 async fn fairness(b: &Bench, r: &mut Report) {
     let (leases, idle_n) = if b.args.smoke { (20, 10) } else { (1000, 200) };
     let every = Duration::from_millis(100);
-    let idle = Probe::start(&b.client, "bench-quiet-idle", every).await;
+    let idle = grant_probe(&b.client, "bench-quiet-idle", every).await;
+    let idle_floor = floor_probe(&b.client, "bench-floor-idle", every).await;
     while idle.taken().len() < idle_n {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let idle = stats(idle.finish().await.into_iter().map(|s| s.1).collect());
-    let probe = Probe::start(&b.client, "bench-quiet", every).await;
+    let idle_floor = stats(idle_floor.finish().await.into_iter().map(|s| s.1).collect());
+    let probe = grant_probe(&b.client, "bench-quiet", every).await;
+    let floor = floor_probe(&b.client, "bench-floor-busy", every).await;
+    let plane = scale::PlaneCpu::start(b);
     let t0 = Instant::now();
     let busy = ["bench-busy".to_string()];
     let (settle, drain, total) = scale::scale(&b.client, &busy, leases, 10, "busy").await;
-    let samples = probe.finish().await;
-    let (creating, draining): (Vec<_>, Vec<_>) =
-        samples.into_iter().partition(|(at, _)| *at < t0 + settle);
-    let during = |v: Vec<(Instant, Duration)>| stats(v.into_iter().map(|s| s.1).collect());
-    let (creating, draining) = (during(creating), during(draining));
+    let cores = plane.cores(settle + drain);
+    let split = |v: Vec<(Instant, Duration)>| {
+        let (a, b): (Vec<_>, Vec<_>) = v.into_iter().partition(|(at, _)| *at < t0 + settle);
+        let s = |v: Vec<(Instant, Duration)>| stats(v.into_iter().map(|s| s.1).collect());
+        (s(a), s(b))
+    };
+    let (creating, draining) = split(probe.finish().await);
+    let (floor_creating, floor_draining) = split(floor.finish().await);
     r.add(format!(
         "### 6c. Grants in a quiet namespace (a claim every 100 ms) while namespace bench-busy takes {total} claims over {leases} Leases ({:.1} s to settle) and drains them ({:.1} s)",
         settle.as_secs_f64(),
@@ -339,18 +385,32 @@ async fn fairness(b: &Bench, r: &mut Report) {
     ));
     r.add(String::new());
     r.header();
-    r.row("quiet namespace, nothing else running", &idle);
+    r.row("quiet namespace grant, nothing else running", &idle);
+    r.row("floor: one Lease create, nothing else running", &idle_floor);
+    r.row("quiet namespace grant, while bench-busy settles", &creating);
     r.row(
-        "quiet namespace, while bench-busy creates and settles",
-        &creating,
+        "floor: one Lease create, while bench-busy settles",
+        &floor_creating,
     );
-    r.row("quiet namespace, while bench-busy drains", &draining);
+    r.row("quiet namespace grant, while bench-busy drains", &draining);
+    r.row(
+        "floor: one Lease create, while bench-busy drains",
+        &floor_draining,
+    );
     r.add(String::new());
-    let ratio = |s: &Stats| s.p99.as_secs_f64() / idle.p99.as_secs_f64().max(1e-9);
+    let ratio = |a: &Stats, b: &Stats| a.p99.as_secs_f64() / b.p99.as_secs_f64().max(1e-9);
     r.add(format!(
-        "Quiet-namespace grant p99 against idle: {:.1}x while bench-busy settles, {:.1}x while it drains.",
-        ratio(&creating),
-        ratio(&draining)
+        "Quiet-namespace grant p99 against idle: {:.1}x while bench-busy settles, {:.1}x while it drains. The floor (one Lease create) rose {:.1}x and {:.1}x; grant p99 / floor p99: {:.1} idle, {:.1} settling, {:.1} draining. kube-apiserver used {:.2} cores and etcd {:.2} (of {}) meanwhile.",
+        ratio(&creating, &idle),
+        ratio(&draining, &idle),
+        ratio(&floor_creating, &idle_floor),
+        ratio(&floor_draining, &idle_floor),
+        ratio(&idle, &idle_floor),
+        ratio(&creating, &floor_creating),
+        ratio(&draining, &floor_draining),
+        cores.0,
+        cores.1,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
     ));
     r.add(String::new());
 }
