@@ -41,14 +41,14 @@ pub(super) fn write_lease<'a>(
         return None;
     }
     let hc = free.holder_stays?;
-    let completed = (hc.phase() != Some(Phase::Granted) && !deleting(hc)).then(|| {
+    if hc.phase() != Some(Phase::Granted) && !deleting(hc) {
         complete_grant(v, hc, l, d);
-        hc
-    });
+        return Some(hc);
+    }
     if hc.spec.renewal == Renewal::Controller {
         renew_if_due(v, hc, l, d);
     }
-    completed
+    None
 }
 
 /// Grants the Lease to `c`: the Lease write, then the Granted status with the token
@@ -68,7 +68,6 @@ fn grant(v: &View<'_>, free: &Free<'_>, c: &LockClaim, d: &mut Draft) {
     let g = status::Grant {
         acquired: now.wall,
         renewed: Some(now.wall),
-        token: None,
     };
     let (st, msg) = status::granted(c, v.lease_name(), v.input.slot, g, now.wall);
     d.push(Step::SetStatus {
@@ -110,39 +109,43 @@ fn grant(v: &View<'_>, free: &Free<'_>, c: &LockClaim, d: &mut Draft) {
 }
 
 /// The Lease names `hc` but its status does not say Granted: a grant interrupted after
-/// its Lease write. No Lease write of ours precedes this status, so the Lease is
-/// re-read first (the cache alone is not enough).
+/// its Lease write. The Lease is written again (renewTime now, with its resourceVersion
+/// as precondition, so a stale cache only costs a conflict) and the token is the
+/// resourceVersion that write returns: the grant it completes may be published after
+/// grants of the lock's other slots, and its token must still be above theirs.
 fn complete_grant(v: &View<'_>, hc: &LockClaim, l: &Lease, d: &mut Draft) {
-    if !d
-        .plan
-        .steps
-        .iter()
-        .any(|s| matches!(s, Step::VerifyLease { .. }))
-    {
-        d.push(Step::VerifyLease {
-            resource_version: l.metadata.resource_version.clone(),
-        });
-    }
+    let now = v.now;
+    d.push(Step::WriteLease {
+        kind: LeaseWriteKind::Renew,
+        lease: Box::new(lease::renew(l, now.wall)),
+    });
+    let dur = claim_duration(hc);
+    d.plan.memory.seen = Some(Seen::renewed(&hc.identity(), Some(now.wall), now.mono, dur));
     // The Lease's acquireTime, written by our interrupted grant, never later than now
     // (the holder could have moved it since; a later one would stretch maxHoldSeconds).
     let g = status::Grant {
-        acquired: lease::acquire_time(Some(l)).map_or(v.now.wall, |t| t.min(v.now.wall)),
-        renewed: lease::renew_time(l),
-        token: lease::token(l),
+        acquired: lease::acquire_time(Some(l)).map_or(now.wall, |t| t.min(now.wall)),
+        renewed: Some(now.wall),
     };
     d.plan.memory.acquired = Some((name(hc), g.acquired));
-    let (st, msg) = status::granted(hc, v.lease_name(), v.input.slot, g, v.now.wall);
+    let (st, msg) = status::granted(hc, v.lease_name(), v.input.slot, g, now.wall);
     d.push(Step::SetStatus {
         claim: name(hc),
         status: st,
-        fill_token: false,
+        fill_token: true,
     });
     d.note(Target::Claim(name(hc)), Reason::Granted, msg);
     d.plan.outcomes.push(Outcome::Granted {
-        waited: created(hc).and_then(|t| since(v.now.wall, t)),
+        waited: created(hc).and_then(|t| since(now.wall, t)),
         handoff: None,
         transition: false,
     });
+    let first_due = if hc.spec.renewal == Renewal::Holder {
+        dur
+    } else {
+        dur / 3
+    };
+    d.due.at(now.mono, now.mono + first_due);
 }
 
 /// Controller renewal: the operator refreshes renewTime every third of the duration.

@@ -48,15 +48,6 @@ pub(super) fn duration(lease: &Lease) -> Duration {
     Duration::from_secs(u64::try_from(secs).unwrap_or(1))
 }
 
-/// The resourceVersion as a fencing token.
-pub(super) fn token(lease: &Lease) -> Option<i64> {
-    lease
-        .metadata
-        .resource_version
-        .as_deref()
-        .and_then(|rv| rv.parse().ok())
-}
-
 fn label_is(lease: &Lease, key: &str, value: &str) -> bool {
     lease
         .metadata

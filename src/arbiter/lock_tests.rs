@@ -77,6 +77,60 @@ fn capacity_three_grants_three_distinct_slots_with_rising_tokens_and_queues_the_
     }
 }
 
+/// A grant interrupted after its Lease write (slot 1) is completed in the plan that
+/// also grants slot 0 once its lock delay is over: both publish, tokens rising in the
+/// order the statuses are written (the model checks every grant against the highest
+/// token before it).
+#[test]
+fn an_interrupted_slot_grant_and_a_new_grant_in_one_plan_publish_with_rising_tokens() {
+    let mut w = LockWorld {
+        capacity: 2,
+        ..LockWorld::default()
+    };
+    let mut h = holder_spec(4);
+    h.lock_delay_seconds = 10;
+    w.create("h", h);
+    w.advance(secs(1));
+    w.create("a", spec(15));
+    w.advance(secs(1));
+    w.create("w1", spec(15));
+    w.advance(secs(1));
+    w.create("w2", spec(15));
+    settle(&mut w);
+    assert_eq!((slot(&w, "h"), slot(&w, "a")), (Some(0), Some(1)));
+    w.advance(secs(5));
+    settle(&mut w);
+    assert_eq!(phase(&w, "h"), Some(Phase::Expired));
+    assert_eq!(
+        phase(&w, "w1"),
+        Some(Phase::Pending),
+        "slot 0 in its lock delay"
+    );
+    w.release("a");
+    let plan = w.plan();
+    let snap = w.rvs();
+    let lease_write = plan
+        .steps
+        .iter()
+        .rposition(|s| s.slot == 1 && matches!(s.step, Step::WriteLease { .. }))
+        .expect("slot 1 is granted");
+    let cap = w.capacity;
+    assert!(
+        !w.apply(&plan, &snap, lease_write + 1, cap),
+        "crash after the Lease write"
+    );
+    assert_eq!(
+        phase(&w, "w1"),
+        Some(Phase::Pending),
+        "interrupted before its status"
+    );
+    w.advance(secs(12));
+    settle(&mut w);
+    assert_eq!(phase(&w, "w1"), Some(Phase::Granted));
+    assert_eq!(phase(&w, "w2"), Some(Phase::Granted));
+    assert!(w.violations.is_empty(), "{:?}", w.violations);
+}
+
 #[test]
 fn a_released_slot_goes_to_the_next_waiter_on_that_slot() {
     let mut w = LockWorld::default();

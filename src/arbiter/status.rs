@@ -20,9 +20,6 @@ pub(super) struct Grant {
     pub acquired: Timestamp,
     /// The last renewal observed.
     pub renewed: Option<Timestamp>,
-    /// The fencing token, when known now (None: the executor fills it in from the
-    /// Lease write that precedes this status write).
-    pub token: Option<i64>,
 }
 
 /// The status that marks `c` Granted Lease `lease`, and its message.
@@ -42,7 +39,8 @@ pub(super) fn granted(
     st.acquire_time = Some(Time(g.acquired));
     st.renew_time = g.renewed.map(Time);
     st.expire_time = None;
-    st.fencing_token = g.token;
+    // Always filled by the executor from the Lease write just before this status.
+    st.fencing_token = None;
     let msg = format!("granted Lease {lease} to {}", c.identity());
     set_condition(
         &mut st,

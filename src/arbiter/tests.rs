@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::sim::{spec, HolderProc, World};
-use super::{Reason, Step, Target, CONDITION_FINISHED, LOCK_DELAY_ANNOTATION};
+use super::{LeaseWriteKind, Reason, Step, Target, CONDITION_FINISHED, LOCK_DELAY_ANNOTATION};
 use crate::api::{Phase, Renewal, CONDITION_GRANTED};
 use crate::{FINALIZER, MANAGED_BY_LABEL};
 
@@ -823,9 +823,37 @@ fn a_grant_interrupted_after_the_lease_write_is_completed() {
     assert_eq!(w.holder().as_deref(), Some("a"));
     assert_eq!(w.phase("a"), None);
     w.restart();
+    let plan = w.plan();
+    let completion: Vec<&Step> = plan
+        .steps
+        .iter()
+        .filter(|s| !matches!(s, Step::Event(_)))
+        .collect();
+    assert!(
+        matches!(
+            completion.as_slice(),
+            [
+                Step::WriteLease {
+                    kind: LeaseWriteKind::Renew,
+                    ..
+                },
+                Step::SetStatus {
+                    fill_token: true,
+                    ..
+                }
+            ]
+        ),
+        "the completion writes the Lease and takes its token from that write \
+         (a token from the interrupted write could be below a grant published since): {completion:?}"
+    );
+    let interrupted = w
+        .lease
+        .as_ref()
+        .and_then(|l| l.metadata.resource_version.as_deref())
+        .and_then(|rv| rv.parse::<i64>().ok());
     w.settle();
     assert_eq!(w.phase("a"), Some(Phase::Granted));
-    assert!(w.status("a").fencing_token.is_some());
+    assert!(w.status("a").fencing_token > interrupted);
 }
 
 #[test]

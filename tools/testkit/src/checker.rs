@@ -136,11 +136,20 @@ pub fn replay_claims(obs: &[Obs], capacity: usize, r: &mut Report) {
             }
             Kind::ClaimsInitDone => {
                 if let Some(snapshot) = relist.take() {
-                    for (name, c) in &snapshot {
-                        let prev = latest.get(name).and_then(|p| p.phase);
-                        if c.phase == Some(Phase::Granted) && prev != Some(Phase::Granted) {
-                            note_grant(c, &mut last_grant, r);
-                        }
+                    // Grants published while the watch was down: the order they were
+                    // published in was not seen, so they are judged in token order.
+                    let mut unseen: Vec<&Obs> = snapshot
+                        .iter()
+                        .filter(|(name, c)| {
+                            c.phase == Some(Phase::Granted)
+                                && latest.get(*name).and_then(|p| p.phase) != Some(Phase::Granted)
+                        })
+                        .map(|(_, c)| c)
+                        .collect();
+                    unseen.sort_by_key(|c| (c.token, c.rv));
+                    r.count("grants seen only in a re-list", unseen.len());
+                    for c in unseen {
+                        note_grant(c, &mut last_grant, r);
                     }
                     latest = snapshot;
                 }
