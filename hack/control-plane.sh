@@ -75,14 +75,24 @@ build_etcd() {
   "$BIN/etcd" --version | head -1
 }
 
+# Like Helm's own release build: the Kubernetes version `helm template` assumes without
+# --kube-version is the one of the client-go it is built with (v1.20 otherwise, which
+# no chart requiring a current Kubernetes renders with). The marker file records it.
 build_helm() {
-  [ -x "$BIN/helm" ] && return 0
-  local out=$CACHE/src/helm-$HVER
+  [ -x "$BIN/helm" ] && [ -s "$BIN/helm.kube-default" ] && return 0
+  local out=$CACHE/src/helm-$HVER cgo minor ld
   mkdir -p "$out" "$BIN"
   printf 'module local/helmbin\n\ngo 1.24\n\nrequire helm.sh/helm/v3 %s\n' "$HVER" >"$out/go.mod"
   log "building helm $HVER"
-  (cd "$out" && GOFLAGS=-mod=mod go build -trimpath \
-    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HVER" -o "$BIN/helm" helm.sh/helm/v3/cmd/helm)
+  cgo=$(cd "$out" && GOFLAGS=-mod=mod go list -m -f '{{.Version}}' k8s.io/client-go) ||
+    die "cannot resolve helm $HVER's client-go version"
+  minor=$(echo "$cgo" | cut -d. -f2)
+  ld="-s -w -X helm.sh/helm/v3/internal/version.version=$HVER"
+  for p in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    ld="$ld -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$minor"
+  done
+  (cd "$out" && GOFLAGS=-mod=mod go build -trimpath -ldflags "$ld" -o "$BIN/helm" helm.sh/helm/v3/cmd/helm)
+  echo "v1.$minor.0" >"$BIN/helm.kube-default"
   "$BIN/helm" version --short
 }
 

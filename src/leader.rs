@@ -51,6 +51,19 @@ pub enum ElectionError {
         #[source]
         source: kube::Error,
     },
+    /// Two writes of the leadership Lease did not return integer resourceVersions that
+    /// rise: fencing tokens (resourceVersions) would not order grants here.
+    #[error("fencing tokens are Lease resourceVersions and need integers that rise with every write, but two writes of Lease {namespace}/{name} returned {first:?} then {second:?}; leasekeeper refuses to run: use an etcd-backed kube-apiserver (resourceVersions are comparable since Kubernetes 1.35, KEP-5504), and restore etcd snapshots with a revision bump (etcdutl snapshot restore --bump-revision=<more than the writes since the snapshot> --mark-compacted)")]
+    TokensNotRising {
+        /// Namespace.
+        namespace: String,
+        /// Lease name.
+        name: String,
+        /// The first write's resourceVersion.
+        first: Option<String>,
+        /// The second write's resourceVersion.
+        second: Option<String>,
+    },
     /// retry_period < renew_deadline < lease_duration must hold.
     #[error("leader election timings must satisfy retry period ({retry:?}) < renew deadline ({renew:?}) < lease duration ({lease:?}, written to the Lease in whole seconds, rounded up)")]
     BadTimings {
@@ -167,6 +180,13 @@ fn secs(d: Duration) -> i32 {
     i32::try_from(s.max(1)).unwrap_or(i32::MAX)
 }
 
+/// Whether two resourceVersions, in write order, work as fencing tokens: both are
+/// positive integers and the second is greater.
+pub fn tokens_rise(first: Option<&str>, second: Option<&str>) -> bool {
+    let parse = |rv: Option<&str>| rv.and_then(|v| v.parse::<u64>().ok()).filter(|n| *n > 0);
+    matches!((parse(first), parse(second)), (Some(a), Some(b)) if b > a)
+}
+
 fn holder(l: &Lease) -> Option<&str> {
     l.spec
         .as_ref()
@@ -251,12 +271,17 @@ impl ElectionConfig {
                         // Wait for the Lease to change (release, renewal) or to run out.
                         let wake = since + duration;
                         let _ = tokio::time::timeout_at(wake, changes.next()).await;
-                        Ok(false)
+                        Ok(None)
                     }
                 }
             };
             let won = match won {
+                Ok(Some(l)) => self.check_tokens(&api, l).await,
+                other => other.map(|_| false),
+            };
+            let won = match won {
                 Ok(w) => w,
+                Err(e @ ElectionError::TokensNotRising { .. }) => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %e, "leader election: cannot write the Lease; retrying");
                     tokio::time::sleep(self.retry_period).await;
@@ -285,13 +310,13 @@ impl ElectionConfig {
         }
     }
 
-    /// Takes the Lease (create, or update with the resourceVersion read). `false` on a
-    /// lost race.
+    /// Takes the Lease (create, or update with the resourceVersion read): the Lease as
+    /// written, or `None` on a lost race.
     async fn try_write(
         &self,
         api: &Api<Lease>,
         current: Option<Lease>,
-    ) -> Result<bool, ElectionError> {
+    ) -> Result<Option<Lease>, ElectionError> {
         let now = MicroTime(Timestamp::now());
         let result = match current {
             None => {
@@ -327,10 +352,38 @@ impl ElectionConfig {
             }
         };
         match result {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Ok(l) => Ok(Some(l)),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(None),
             Err(e) => Err(self.err(e)),
         }
+    }
+
+    /// Writes the Lease just won once more and compares the two resourceVersions (see
+    /// [`tokens_rise`]). An API error is retried like a lost write; tokens that do not
+    /// rise are fatal.
+    async fn check_tokens(&self, api: &Api<Lease>, won: Lease) -> Result<bool, ElectionError> {
+        let mut again = won.clone();
+        if let Some(s) = again.spec.as_mut() {
+            s.renew_time = Some(MicroTime(Timestamp::now()));
+        }
+        let second = match api
+            .replace(&self.name, &PostParams::default(), &again)
+            .await
+        {
+            Ok(l) => l,
+            Err(kube::Error::Api(s)) if s.code == 409 => return Ok(false),
+            Err(e) => return Err(self.err(e)),
+        };
+        let (first, second) = (won.resource_version(), second.resource_version());
+        if tokens_rise(first.as_deref(), second.as_deref()) {
+            return Ok(true);
+        }
+        Err(ElectionError::TokensNotRising {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            first,
+            second,
+        })
     }
 }
 
@@ -494,6 +547,23 @@ mod tests {
         let unbounded = Term::unbounded();
         unbounded.end();
         assert!(!unbounded.is_current());
+    }
+
+    #[test]
+    fn only_integer_resource_versions_that_rise_pass_as_fencing_tokens() {
+        assert!(tokens_rise(Some("41"), Some("42")));
+        assert!(
+            tokens_rise(Some("9"), Some("1000000000009")),
+            "a revision bump"
+        );
+        assert!(!tokens_rise(Some("42"), Some("42")), "not rising");
+        assert!(
+            !tokens_rise(Some("42"), Some("17")),
+            "backwards (a restore without a bump)"
+        );
+        assert!(!tokens_rise(Some("0"), Some("1")), "not positive");
+        assert!(!tokens_rise(Some("a1"), Some("b2")), "not integers");
+        assert!(!tokens_rise(Some("1"), None));
     }
 
     #[test]

@@ -52,6 +52,19 @@ fn chart_app_version_is_the_crate_version() {
     );
 }
 
+/// How Argo CD and Flux render charts: `helm template` without --kube-version, so Helm
+/// assumes the Kubernetes of the client-go it was built with. The chart's kubeVersion
+/// range admits that, and an older cluster gets a message naming the range.
+#[test]
+fn chart_renders_without_a_kube_version_and_refuses_an_older_cluster() {
+    let (ok, out, err) = support::helm(&["template", "lk", &chart()]);
+    assert!(ok, "helm template without --kube-version: {err}");
+    assert!(kinds(&out).contains(&"Deployment".to_string()), "{out}");
+    let (ok, _, err) = support::helm(&["template", "lk", &chart(), "--kube-version=1.34.9"]);
+    assert!(!ok, "1.34 is below the supported range");
+    assert!(err.contains(">=1.35.0-0"), "{err}");
+}
+
 #[test]
 fn chart_lints_and_renders_with_default_and_custom_values() {
     let (ok, out, err) = support::helm(&["lint", "--strict", &chart(), KUBE_VERSION]);

@@ -26,9 +26,9 @@ pub(super) fn ttl(v: &View<'_>, d: &mut Draft) {
 pub(super) fn gc(v: &View<'_>, ends: &Ends, d: &mut Draft) {
     let now = v.now.mono;
     let live_after = v.live.iter().any(|c| !ends.ends(c));
-    let unused = v
-        .lease()
-        .filter(|l| lease::is_managed(l) && !live_after && v.holder.is_none());
+    let unused = v.lease().filter(|l| {
+        lease::writable(Some(l)) && lease::is_managed(l) && !live_after && v.holder.is_none()
+    });
     let Some(l) = unused else {
         d.plan.memory.unclaimed_since = None;
         return;

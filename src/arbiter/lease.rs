@@ -67,10 +67,22 @@ pub fn takeover_allowed(lease: &Lease) -> bool {
     label_is(lease, TAKEOVER_LABEL, TAKEOVER_ALLOWED)
 }
 
+/// `spec.strategy`, unless empty: set on a Lease that coordinated leader election runs
+/// (the CoordinatedLeaderElection feature; the API server drops the field where the
+/// feature is off).
+pub(super) fn strategy(lease: &Lease) -> Option<&str> {
+    lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.strategy.as_deref())
+        .filter(|s| !s.is_empty())
+}
+
 /// Whether the operator may write the Lease: absent (it will create it), created by
-/// leasekeeper, or opened to a takeover by its owner. Nothing else is ever written.
+/// leasekeeper, or opened to a takeover by its owner, and in no case one run by
+/// coordinated leader election. Nothing else is ever written.
 pub fn writable(lease: Option<&Lease>) -> bool {
-    lease.is_none_or(|l| is_managed(l) || takeover_allowed(l))
+    lease.is_none_or(|l| strategy(l).is_none() && (is_managed(l) || takeover_allowed(l)))
 }
 
 /// The claim the operator granted the Lease to (annotation).

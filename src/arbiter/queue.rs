@@ -7,7 +7,7 @@
 use super::ends::Ends;
 use super::free::Free;
 use super::view::View;
-use super::{deleting, name, status, Draft, Reason, Step, Target};
+use super::{deleting, lease, name, status, Draft, Reason, Step, Target};
 use crate::api::{LockClaim, LockClaimStatus, Phase, CONDITION_GRANTED};
 
 pub(super) fn positions(
@@ -33,7 +33,15 @@ pub(super) fn positions(
         // Further back than the exact positions, a status names neither a number nor the
         // holder, so that no handoff changes it.
         let holder = free.holder_now.clone().filter(|_| position.is_some());
-        let msg = message(v.lease_name(), why, holder.as_deref(), position, exact);
+        let strategy = v.lease().and_then(lease::strategy);
+        let msg = message(
+            v.lease_name(),
+            why,
+            holder.as_deref(),
+            position,
+            exact,
+            strategy,
+        );
         let st = status::waiting(c, position, why, &msg, holder, v.now.wall);
         if Some(&st) != c.status.as_ref() {
             let step = Step::SetStatus {
@@ -131,11 +139,17 @@ fn message(
     holder: Option<&str>,
     position: Option<i32>,
     exact: i32,
+    strategy: Option<&str>,
 ) -> String {
     let place = match position {
         Some(p) => format!("position {p}"),
         None => format!("more than {exact} claims ahead"),
     };
+    if let (Reason::LeaseNotManaged, Some(strategy)) = (why, strategy) {
+        return format!(
+            "Lease {lease} is run by coordinated leader election (spec.strategy {strategy}): leasekeeper never writes it; {place}"
+        );
+    }
     match (why, holder) {
         (Reason::LeaseNotManaged, _) => format!(
             "Lease {lease} exists and was not created by leasekeeper: it is never written unless its owner labels it {}={}; {place}",

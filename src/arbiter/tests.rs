@@ -555,6 +555,46 @@ fn a_foreign_lease_is_never_written_and_its_claims_wait_with_lease_not_managed()
     assert_eq!(w.phase("grab"), Some(Phase::Granted));
 }
 
+/// A Lease run by coordinated leader election (`spec.strategy` set) is never written,
+/// not even one leasekeeper created (someone set the strategy since) nor one its owner
+/// opened to a takeover; never deleted by the GC either; its claims say why they wait.
+#[test]
+fn a_lease_run_by_coordinated_leader_election_is_never_written_or_collected() {
+    let mut w = World::default();
+    w.create("first", spec(15));
+    w.settle();
+    w.delete("first");
+    w.settle();
+    let l = w.lease.as_mut().expect("our Lease");
+    assert!(super::is_managed(l));
+    let labels = l.metadata.labels.get_or_insert_with(Default::default);
+    labels.insert(crate::TAKEOVER_LABEL.into(), crate::TAKEOVER_ALLOWED.into());
+    if let Some(spec) = l.spec.as_mut() {
+        spec.strategy = Some("OldestEmulationVersion".into());
+        spec.holder_identity = None;
+    }
+    let rv = l.metadata.resource_version.clone();
+    w.create("grab", spec(1));
+    for _ in 0..5 {
+        w.settle();
+        w.advance(secs(120));
+    }
+    let after = w.lease.as_ref().expect("never deleted by the GC");
+    assert_eq!(after.metadata.resource_version, rv, "never written");
+    assert_eq!(w.phase("grab"), Some(Phase::Pending));
+    let c = w.claims["grab"]
+        .condition(CONDITION_GRANTED)
+        .cloned()
+        .expect("condition");
+    assert_eq!(c.reason, Reason::LeaseNotManaged.as_str());
+    assert!(
+        c.message.contains("coordinated leader election")
+            && c.message.contains("OldestEmulationVersion"),
+        "{}",
+        c.message
+    );
+}
+
 #[test]
 fn the_holders_identity_alone_never_makes_a_claim_the_holder() {
     let mut w = World::default();
