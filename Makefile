@@ -10,7 +10,7 @@ CARGO ?= cargo
 PROPTEST_CASES ?= 10000
 SOAK_CASES ?= 1000000
 
-.PHONY: all build release crd run test unit lint soak chart-test bench bench-smoke chaos chaos-smoke chaos-semaphore chaos-controls chaos-build plane-build plane-up plane-down image e2e-cluster node-up node-down dockerfile-replay
+.PHONY: all build release crd run test unit lint soak chart-test bench bench-smoke chaos chaos-smoke chaos-semaphore chaos-controls chaos-build compat plane-build plane-up plane-down image e2e-cluster node-up node-down dockerfile-replay
 
 all: build
 
@@ -73,6 +73,13 @@ node-down:
 ## partition, upgrade under load, uninstall (tests/cluster.rs). Stops the node after.
 e2e-cluster: plane-build
 	hack/e2e-cluster.sh $(NODE_DIR)
+
+## Kubernetes releases: each one's kube-apiserver built from its Go module (cached per
+## version), the API, controller, client, semaphore and tenant suites run against it.
+## Writes bench/results/compat.md. Not part of CI (cold: ~8 min per release to build).
+COMPAT_VERSIONS ?= v1.33.13 v1.34.4 v1.35.4 v1.36.3 v1.37.2
+compat:
+	hack/compat.sh $(COMPAT_VERSIONS)
 
 ## The Helm chart: lint, render, bad values, install, RBAC proven by running as its ServiceAccount.
 ## (Also part of `make test`.)

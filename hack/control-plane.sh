@@ -12,6 +12,8 @@
 # DIR defaults to $LK_PLANE_DIR or ./.plane. Several DIRs may run side by side: every
 # instance picks its own free ports and keeps its own pids, certificates and data.
 # LK_ETCD_EXTRA_ARGS and LK_APISERVER_EXTRA_ARGS add flags to the daemons at `up`.
+# KVER picks the Kubernetes release (binaries cached per version); LK_K8S_BINS limits
+# `build` to some of its commands (make compat builds only kube-apiserver).
 # LK_APISERVER_ADDRESS (default 127.0.0.1) is where kube-apiserver binds and what it
 # advertises; hack/node.sh sets the node bridge's address, so that Pods reach it through
 # the `kubernetes` Service (10.0.0.1), and LK_NODE_MODE=1 keeps the ServiceAccount
@@ -31,8 +33,8 @@ die() { log "error: $*"; exit 1; }
 build_k8s() {
   local out=$CACHE/src/k8s-$KVER sver=v0.${KVER#v1.} minor
   minor=$(echo "$KVER" | cut -d. -f2)
-  local b missing=
-  for b in kube-apiserver kubectl kube-controller-manager kubelet kube-scheduler kube-proxy; do
+  local b missing='' bins=${LK_K8S_BINS:-kube-apiserver kubectl kube-controller-manager kubelet kube-scheduler kube-proxy}
+  for b in $bins; do
     [ -x "$BIN/$b" ] || missing=1
   done
   [ -z "$missing" ] && return 0
@@ -57,11 +59,10 @@ build_k8s() {
   # kube-controller-manager is not part of `up`: tests that need its garbage collector
   # start it themselves (tests/pod_gc.rs). kubelet, kube-scheduler and kube-proxy are
   # for hack/node.sh (the real node); with the build cache warm they add under a minute.
-  log "building kube-apiserver, kubectl, kube-controller-manager, kubelet, kube-scheduler, kube-proxy $KVER (cold: ~15-25 min on 2 cores)"
-  (cd "$out" && GOFLAGS=-mod=mod go build -trimpath -ldflags "$ld" -o "$BIN/" \
-    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl \
-    k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubelet \
-    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kube-proxy)
+  log "building $bins $KVER (cold, all six: ~15-25 min on 2 cores)"
+  local pkgs=()
+  for b in $bins; do pkgs+=("k8s.io/kubernetes/cmd/$b"); done
+  (cd "$out" && GOFLAGS=-mod=mod go build -trimpath -ldflags "$ld" -o "$BIN/" "${pkgs[@]}")
   "$BIN/kube-apiserver" --version
 }
 
