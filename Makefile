@@ -75,7 +75,7 @@ e2e-cluster: plane-build
 	hack/e2e-cluster.sh $(NODE_DIR)
 
 ## Kubernetes releases: each one's kube-apiserver built from its Go module (cached per
-## version), the API, controller, client, semaphore and tenant suites run against it.
+## version), the API, controller, client, semaphore, tenant and chart suites run against it.
 ## Writes bench/results/compat.md. Not part of CI (cold: ~8 min per release to build).
 COMPAT_VERSIONS ?= v1.33.13 v1.34.4 v1.35.4 v1.36.3 v1.37.2
 compat:

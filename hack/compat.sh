@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # compat.sh VERSION...: for each Kubernetes release, build its kube-apiserver from the Go
 # module (cached per version under ~/.cache/leasekeeper), start a plane on it, and run the
-# API, controller, client, semaphore and tenant e2e suites against it (kubectl and helm
+# API, controller, client, semaphore, tenant and chart (helm install) e2e suites against it (kubectl and helm
 # stay the default release's). Writes a table to $COMPAT_OUT (bench/results/compat.md)
 # and fails if any version failed.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 out=${COMPAT_OUT:-bench/results/compat.md}
-suites=(api controller client semaphore tenant)
+suites=(api controller client semaphore tenant chart)
 [ $# -gt 0 ] || { echo "usage: $0 VERSION..." >&2; exit 2; }
 
 log() { printf '[compat] %s\n' "$*" >&2; }
 
 hack/control-plane.sh build || exit 1
-test_args=(--locked)
+test_args=(--locked --no-fail-fast)
 for s in "${suites[@]}"; do test_args+=(--test "$s"); done
 cargo test "${test_args[@]}" --no-run || exit 1
 

@@ -60,9 +60,11 @@ fn chart_renders_without_a_kube_version_and_refuses_an_older_cluster() {
     let (ok, out, err) = support::helm(&["template", "lk", &chart()]);
     assert!(ok, "helm template without --kube-version: {err}");
     assert!(kinds(&out).contains(&"Deployment".to_string()), "{out}");
-    let (ok, _, err) = support::helm(&["template", "lk", &chart(), "--kube-version=1.34.9"]);
-    assert!(!ok, "1.34 is below the supported range");
-    assert!(err.contains(">=1.35.0-0"), "{err}");
+    let (ok, _, err) = support::helm(&["template", "lk", &chart(), "--kube-version=1.32.9"]);
+    assert!(!ok, "1.32 is below the supported range");
+    assert!(err.contains(">=1.33.0-0"), "{err}");
+    let (ok, _, err) = support::helm(&["template", "lk", &chart(), "--kube-version=1.33.0"]);
+    assert!(ok, "1.33 is the floor of the supported range: {err}");
 }
 
 #[test]

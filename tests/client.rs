@@ -176,8 +176,23 @@ async fn client_02_exit_codes_pass_through_and_a_timed_out_wait_leaves_no_claim(
         .status()
         .expect("release");
     assert!(st.success());
-    let l = support::lease(&client, &ns, "maint").await.expect("lease");
-    assert_eq!(l.spec.and_then(|s| s.holder_identity), None);
+    // `release` returns once the claim says Released; the operator clears the Lease
+    // right after (write order: the holder leaves Granted before the Lease moves).
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), &ns);
+    support::wait_for(
+        &leases,
+        "maint",
+        Duration::from_secs(10),
+        "the Lease names nobody",
+        |l| {
+            l.spec
+                .as_ref()
+                .and_then(|s| s.holder_identity.as_deref())
+                .is_none()
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
