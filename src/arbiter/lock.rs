@@ -23,7 +23,7 @@ use super::{
     add_secs, created, decide, deleting, lease, name, queue_cmp, status, Config, Input, Memory,
     Note, Now, Outcome, Plan, Reason, Step, Target,
 };
-use crate::api::{slot_lease, LockClaim, Phase, CONDITION_GRANTED};
+use crate::api::{slot_lease, LockClaim, LockClaimStatus, Phase, CONDITION_GRANTED};
 
 /// Everything the arbiter looks at for one lock.
 pub struct LockInput<'a> {
@@ -77,6 +77,33 @@ pub struct LockPlan {
     pub has_live_claims: bool,
     /// Who holds which slot once the plan is written: slot -> claim name.
     pub holders: BTreeMap<u32, String>,
+}
+
+impl LockPlan {
+    /// A waiter's status write, not tied to a slot's Lease (carried as slot 0).
+    fn waiter_status(&mut self, c: &LockClaim, status: LockClaimStatus) {
+        self.steps.push(LockStep {
+            slot: 0,
+            step: Step::SetStatus {
+                claim: name(c),
+                status,
+                fill_token: false,
+            },
+        });
+    }
+
+    /// An Event on a waiting claim (carried as slot 0).
+    fn waiter_event(&mut self, c: &LockClaim, warning: bool, reason: Reason, message: String) {
+        self.steps.push(LockStep {
+            slot: 0,
+            step: Step::Event(Note {
+                target: Target::Claim(name(c)),
+                warning,
+                reason,
+                message,
+            }),
+        });
+    }
 }
 
 /// Decides what to write for one lock (see the module documentation).
@@ -377,14 +404,7 @@ fn end_waiters(
             continue;
         }
         let st = status::finished(c, *phase, *why, msg, None, input.now.wall);
-        out.steps.push(LockStep {
-            slot: 0,
-            step: Step::SetStatus {
-                claim: name(c),
-                status: st,
-                fill_token: false,
-            },
-        });
+        out.waiter_status(c, st);
         if *phase == Phase::TimedOut {
             out.outcomes.push(Outcome::TimedOut);
         }
@@ -393,15 +413,7 @@ fn end_waiters(
             Phase::Rejected => Reason::Rejected,
             _ => Reason::Released,
         };
-        out.steps.push(LockStep {
-            slot: 0,
-            step: Step::Event(Note {
-                target: Target::Claim(name(c)),
-                warning: *phase != Phase::Released,
-                reason: event_reason,
-                message: msg.clone(),
-            }),
-        });
+        out.waiter_event(c, *phase != Phase::Released, event_reason, msg.clone());
     }
 }
 
@@ -422,29 +434,14 @@ fn queue(input: &LockInput<'_>, still: &[&LockClaim], out: &mut LockPlan) {
         );
         let st = status::waiting(c, position, Reason::Queued, &msg, None, input.now.wall);
         if Some(&st) != c.status.as_ref() {
-            out.steps.push(LockStep {
-                slot: 0,
-                step: Step::SetStatus {
-                    claim: name(c),
-                    status: st,
-                    fill_token: false,
-                },
-            });
+            out.waiter_status(c, st);
         }
         let first_time = c.status.as_ref().and_then(|s| s.phase).is_none();
         let queued_before = c
             .condition(CONDITION_GRANTED)
             .is_some_and(|x| x.reason == Reason::Queued.as_str());
         if first_time || !queued_before {
-            out.steps.push(LockStep {
-                slot: 0,
-                step: Step::Event(Note {
-                    target: Target::Claim(name(c)),
-                    warning: false,
-                    reason: Reason::Queued,
-                    message: msg,
-                }),
-            });
+            out.waiter_event(c, false, Reason::Queued, msg);
         }
     }
     out.waiting = still.len();
