@@ -404,23 +404,6 @@ async fn chart_installs_and_its_service_account_runs_the_lifecycle() {
         .is_empty());
 }
 
-/// Applies (or deletes) rendered manifests with kubectl.
-fn kubectl_stdin(verb: &str, yaml: &str) {
-    use std::io::Write;
-    let mut child = support::kubectl()
-        .args([verb, "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("kubectl");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(yaml.as_bytes())
-        .expect("write");
-    assert!(child.wait().expect("kubectl").success(), "kubectl {verb}");
-}
-
 /// A change to a claim's spec.
 type Edit = fn(&mut leasekeeper::api::LockClaimSpec);
 
@@ -451,7 +434,7 @@ async fn chart_claim_policy_refuses_claims_over_its_caps_in_selected_namespaces(
         "templates/claim-policy.yaml",
     ]);
     assert!(ok, "{err}");
-    kubectl_stdin("apply", &yaml);
+    support::kubectl_stdin(&["apply", "-f", "-"], &yaml);
     let dry = PostParams {
         dry_run: true,
         ..PostParams::default()
@@ -515,7 +498,7 @@ async fn chart_claim_policy_refuses_claims_over_its_caps_in_selected_namespaces(
         s.max_hold_seconds = None;
     })
     .await;
-    kubectl_stdin("delete", &yaml);
+    support::kubectl_stdin(&["delete", "-f", "-"], &yaml);
     let first = results[0].1.as_ref().expect_err("priority 1e9 accepted");
     assert!(
         first.contains("spec.priority may be at most 1000"),

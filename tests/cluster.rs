@@ -10,7 +10,7 @@
 //! measures); bounds that are asserted are liveness bounds, twice what the design says.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,22 +42,6 @@ fn kubectl(args: &[&str]) -> String {
     let (ok, out, err) = support::kubectl_run(args);
     assert!(ok, "kubectl {args:?}: {out}{err}");
     out
-}
-
-fn kubectl_stdin(args: &[&str], input: &str) {
-    use std::io::Write;
-    let mut child = support::kubectl()
-        .args(args)
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("kubectl");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write");
-    assert!(child.wait().expect("kubectl").success(), "kubectl {args:?}");
 }
 
 fn helm(args: &[&str]) -> String {
@@ -369,7 +353,7 @@ async fn examples_and_job(client: &Client) {
     let d = wait_phase(&claims, "etl-d", Phase::Pending, T).await;
     assert_eq!(d.status.and_then(|s| s.queue_position), Some(1));
     support::create_namespace(client, "jobs", &[]).await;
-    kubectl_stdin(&["apply", "-n", "jobs", "-f", "-"], JOB);
+    support::kubectl_stdin(&["apply", "-n", "jobs", "-f", "-"], JOB);
     let jobs: Api<LockClaim> = Api::namespaced(client.clone(), "jobs");
     let t0 = Instant::now();
     let held = loop {
@@ -417,7 +401,7 @@ async fn active_passive(client: &Client, summary: &mut Vec<String>) {
             "localhost/leasekeeper:dev",
         )
         .replace("busybox:1.36", "localhost/lk-tools:dev");
-    kubectl_stdin(&["apply", "-n", "web", "-f", "-"], &manifest);
+    support::kubectl_stdin(&["apply", "-n", "web", "-f", "-"], &manifest);
     let pods: Api<Pod> = Api::namespaced(client.clone(), "web");
     let ready_pods = || async {
         pods.list(&kube::api::ListParams::default().labels("app=web"))
@@ -541,7 +525,7 @@ async fn rbac_and_foreign_lease(client: &Client) {
         "it needs Lease write; what it writes is the product's rule"
     );
     support::create_namespace(client, "foreign", &[]).await;
-    kubectl_stdin(
+    support::kubectl_stdin(
         &["apply", "-n", "foreign", "-f", "-"],
         "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata: {name: theirs}\nspec: {holderIdentity: someone, leaseDurationSeconds: 1}\n",
     );
@@ -770,7 +754,7 @@ async fn upgrade_under_load(
 /// The PodDisruptionBudget and the ServiceMonitor render and apply (the latter with a
 /// minimal stand-in of the Prometheus Operator's CRD).
 fn pdb_and_service_monitor() {
-    kubectl_stdin(&["apply", "-f", "-"], SERVICE_MONITOR_CRD);
+    support::kubectl_stdin(&["apply", "-f", "-"], SERVICE_MONITOR_CRD);
     kubectl(&[
         "wait",
         "--for=condition=Established",

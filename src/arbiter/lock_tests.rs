@@ -415,12 +415,7 @@ fn history(ops: &[Op], grants_first: bool) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000),
-        max_shrink_iters: 10_000,
-        failure_persistence: None,
-        .. ProptestConfig::default()
-    })]
+    #![proptest_config(super::proptests::config())]
 
     /// At most the capacity in force when they were granted, each slot Lease naming
     /// exactly its claim, tokens rising across slots; settled, every slot used.
@@ -434,16 +429,7 @@ proptest! {
 /// replace have left breaks the capacity invariant somewhere in 20,000 histories.
 #[test]
 fn the_lock_model_catches_grants_written_first_in_random_histories() {
-    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
-    let mut runner = TestRunner::new_with_rng(
-        Config {
-            cases: 20_000,
-            failure_persistence: None,
-            max_shrink_iters: 0,
-            ..Config::default()
-        },
-        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
-    );
+    let mut runner = super::proptests::negative_control_runner();
     let result = runner.run(&proptest::collection::vec(op(), 1..60), |ops| {
         history(&ops, true)
     });

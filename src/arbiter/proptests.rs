@@ -270,13 +270,37 @@ fn history(ops: &[Op], lease_precondition: bool) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000),
+/// The property tests' settings: `PROPTEST_CASES` histories (2,000 unless set; `make
+/// test` runs 10,000, `make soak` 1,000,000), shrunk hard, nothing persisted.
+pub(super) fn config() -> ProptestConfig {
+    ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2_000),
         max_shrink_iters: 10_000,
         failure_persistence: None,
-        .. ProptestConfig::default()
-    })]
+        ..ProptestConfig::default()
+    }
+}
+
+/// A negative control's runner: 20,000 histories from a fixed seed, no shrinking (the
+/// test only asks whether some history breaks an invariant).
+pub(super) fn negative_control_runner() -> proptest::test_runner::TestRunner {
+    use proptest::test_runner::{RngAlgorithm, TestRng, TestRunner};
+    TestRunner::new_with_rng(
+        ProptestConfig {
+            cases: 20_000,
+            failure_persistence: None,
+            max_shrink_iters: 0,
+            ..ProptestConfig::default()
+        },
+        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
+    )
+}
+
+proptest! {
+    #![proptest_config(config())]
 
     /// Every invariant holds after every write, whatever happens in between; once the
     /// world is left alone it settles with no claim lost and true queue positions.
@@ -291,16 +315,7 @@ proptest! {
 /// from a lagging or stalled Lease cache gets written over what happened since.
 #[test]
 fn the_model_catches_lease_writes_without_a_precondition() {
-    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
-    let mut runner = TestRunner::new_with_rng(
-        Config {
-            cases: 20_000,
-            failure_persistence: None,
-            max_shrink_iters: 0,
-            ..Config::default()
-        },
-        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
-    );
+    let mut runner = negative_control_runner();
     let result = runner.run(&proptest::collection::vec(op(), 1..60), |ops| {
         history(&ops, false)
     });

@@ -269,11 +269,7 @@ impl World {
     }
 
     fn step_clock(&mut self, d: Duration) {
-        self.mono += d;
-        self.wall = self
-            .wall
-            .checked_add(jiff::SignedDuration::try_from(d).unwrap_or_default())
-            .unwrap_or(self.wall);
+        step_clock(&mut self.wall, &mut self.mono, d);
     }
 
     /// Forgets everything in memory, as a restarted (or newly elected) operator would.
@@ -739,4 +735,12 @@ fn truncate_to_seconds(st: &mut crate::api::LockClaimStatus) {
     {
         t(x);
     }
+}
+
+/// Moves a model's two clocks (wall and monotonic) on by `d` together.
+pub fn step_clock(wall: &mut Timestamp, mono: &mut Duration, d: Duration) {
+    *mono += d;
+    *wall = wall
+        .checked_add(jiff::SignedDuration::try_from(d).unwrap_or_default())
+        .unwrap_or(*wall);
 }

@@ -100,11 +100,7 @@ impl LockWorld {
     }
 
     pub fn advance(&mut self, d: Duration) {
-        self.mono += d;
-        self.wall = self
-            .wall
-            .checked_add(jiff::SignedDuration::try_from(d).unwrap_or_default())
-            .unwrap_or(self.wall);
+        super::sim::step_clock(&mut self.wall, &mut self.mono, d);
     }
 
     pub fn restart(&mut self) {

@@ -117,6 +117,23 @@ pub fn kubectl_run(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Runs kubectl with `args`, feeding `input` on stdin (`-f -`); asserts it succeeded.
+pub fn kubectl_stdin(args: &[&str], input: &str) {
+    use std::io::Write;
+    let mut child = kubectl()
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write");
+    assert!(child.wait().expect("kubectl").success(), "kubectl {args:?}");
+}
+
 /// Runs `helm` against the test control plane.
 pub fn helm(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(bin_dir().join("helm"))
