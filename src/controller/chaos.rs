@@ -195,14 +195,22 @@ pub(super) async fn write_lease(
 }
 
 /// `release-before-drain`: on SIGTERM the leader releases leadership first and keeps
-/// working a while (a shutdown that forgot to end its term and drain).
+/// working for what is left of its term (a shutdown that forgot to end its term and
+/// drain before the release).
 pub(super) fn releases_before_draining() -> bool {
     broken("release-before-drain")
 }
 
-/// The sloppy shutdown's work after its release (see [`releases_before_draining`]).
-pub(super) async fn keep_working_after_release() {
-    tokio::time::sleep(Duration::from_secs(1)).await;
+/// The sloppy shutdown's work after its release (see [`releases_before_draining`]): the
+/// controller, still polled by the caller, runs on until the term it no longer renews
+/// runs out.
+pub(super) async fn keep_working_after_release(term: &Term) {
+    let left = term.remaining().unwrap_or(Duration::from_secs(1));
+    tracing::warn!(
+        ?left,
+        "CHAOS: released leadership before draining; working on"
+    );
+    tokio::time::sleep(left.min(Duration::from_secs(10))).await;
 }
 
 /// Every successful write is logged with the resourceVersion it produced, so that the

@@ -10,7 +10,7 @@ use kube::{Api, Client};
 use super::{RunConfig, RunError};
 use crate::api::LockClaim;
 use crate::arbiter::Step;
-use crate::leader::ElectionConfig;
+use crate::leader::{ElectionConfig, Term};
 use crate::telemetry::{Metrics, Readiness};
 
 #[inline(always)]
@@ -63,7 +63,7 @@ pub(super) fn releases_before_draining() -> bool {
 }
 
 #[inline(always)]
-pub(super) async fn keep_working_after_release() {}
+pub(super) async fn keep_working_after_release(_: &Term) {}
 
 #[inline(always)]
 pub(super) fn wrote(_: Option<&str>, _: &str, _: Option<&str>) {}

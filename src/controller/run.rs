@@ -175,8 +175,15 @@ async fn lead(
             Err(RunError::LeadershipLost)
         }
         Ending::Signal if chaos::releases_before_draining() => {
-            leadership.release().await;
-            chaos::keep_working_after_release().await;
+            // The controller keeps running (polled here) while leadership is released.
+            let sloppy = async {
+                leadership.release().await;
+                chaos::keep_working_after_release(&term).await;
+            };
+            tokio::select! {
+                _ = sloppy => {}
+                _ = &mut ctl => {}
+            }
             term.end();
             let _ = stop.send(true);
             let _ = (&mut ctl).await;
