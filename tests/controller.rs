@@ -740,3 +740,135 @@ async fn e2e_15_a_replica_whose_leadership_term_ran_out_writes_nothing_until_ren
         c.status.as_ref().and_then(|s| s.holder_identity.as_deref())
     );
 }
+
+/// An admission policy that refuses creating the Lease `name` in `ns` (as a cluster
+/// admin's policy might): every grant of it fails the same way.
+fn lease_block_policy(ns: &str, name: &str) -> String {
+    format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {{name: block-{ns}}}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - apiGroups: [coordination.k8s.io]
+      apiVersions: [v1]
+      operations: [CREATE]
+      resources: [leases]
+  matchConditions:
+  - name: the-blocked-lease
+    expression: "object.metadata.name == '{name}'"
+  validations:
+  - expression: "false"
+    message: "Lease {name} is refused by policy block-{ns}"
+    reason: Forbidden
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {{name: block-{ns}}}
+spec:
+  policyName: block-{ns}
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector:
+      matchLabels: {{kubernetes.io/metadata.name: {ns}}}
+"#
+    )
+}
+
+/// Whether the API server refuses creating Lease `name` now (a dry run goes through
+/// admission; the policy takes effect a moment after it is created).
+async fn lease_create_refused(leases: &Api<Lease>, name: &str) -> bool {
+    let l = Lease {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..ObjectMeta::default()
+        },
+        spec: None,
+    };
+    let pp = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    leases.create(&pp, &l).await.is_err()
+}
+
+fn reconciled(c: &LockClaim) -> Option<(String, String, String)> {
+    c.condition(leasekeeper::arbiter::CONDITION_RECONCILED)
+        .map(|x| (x.status.clone(), x.reason.clone(), x.message.clone()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_16_a_failure_that_persists_shows_on_the_claim_and_clears_when_it_ends() {
+    let client = support::client().await;
+    let ns = support::namespace(&client, "e2e-failing").await;
+    let policy = lease_block_policy(&ns, "blocked");
+    support::kubectl_stdin(&["apply", "-f", "-"], &policy);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let t0 = Instant::now();
+    while !lease_create_refused(&leases, "blocked").await {
+        assert!(t0.elapsed() < T, "the admission policy never took effect");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _op = Operator::start(&client, &ns, GC).await;
+    let api: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
+    create_claim(&api, "a", spec("blocked")).await;
+    create_claim(&api, "fine", spec("other")).await;
+    // The Lease write fails every time: after three failures the claim says why.
+    let t0 = Instant::now();
+    let (status, reason, message) = loop {
+        let c = api.get("a").await.expect("claim");
+        if let Some(r) = reconciled(&c) {
+            break r;
+        }
+        assert!(t0.elapsed() < T, "no Reconciled condition: {:?}", c.status);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "ReconcileFailed")
+    );
+    assert!(
+        message.contains("LeaseWriteFailed")
+            && message.contains("refused by policy")
+            && message.contains("HTTP 403"),
+        "the message names the reason and the API server's error: {message}"
+    );
+    assert_ne!(api.get("a").await.expect("a").phase(), Some(Phase::Granted));
+    // One failing lock stops nobody else.
+    wait_phase(&api, "fine", Phase::Granted, T).await;
+    assert!(reconciled(&api.get("fine").await.expect("fine")).is_none());
+    let t0 = Instant::now();
+    while !support::events(&ns)
+        .iter()
+        .any(|(k, n, r)| k == "LockClaim" && n == "a" && r == "ReconcileFailed")
+    {
+        assert!(t0.elapsed() < T, "no ReconcileFailed Warning Event on a");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The cause goes away: the claim is granted and the condition turns True.
+    let (ok, _, err) = support::kubectl_run(&[
+        "delete",
+        "validatingadmissionpolicybinding,validatingadmissionpolicy",
+        &format!("block-{ns}"),
+    ]);
+    assert!(ok, "{err}");
+    wait_phase(&api, "a", Phase::Granted, Duration::from_secs(60)).await;
+    let t0 = Instant::now();
+    loop {
+        let c = api.get("a").await.expect("claim");
+        if let Some((s, r, _)) = reconciled(&c) {
+            if s == "True" {
+                assert_eq!(r, "Reconciled");
+                break;
+            }
+        }
+        assert!(
+            t0.elapsed() < T,
+            "Reconciled never turned True: {:?}",
+            c.status
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -265,6 +265,9 @@ pub struct LockClaimStatus {
     /// reason says why not otherwise (Queued, HeldExternally, LockDelay,
     /// LeaseNotManaged, DuplicateIdentity, Released, Expired, MaxHoldExceeded,
     /// LeaseLost, AcquireTimeout). Type Finished turns True when the claim reaches a terminal phase.
+    /// Type Reconciled appears only when reconciles of the claim's lock fail for one
+    /// reason three times in a row: False (reason ReconcileFailed, the message names the
+    /// error) until a reconcile succeeds again, then True.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,

@@ -32,6 +32,7 @@ use crate::FINALIZER;
 mod cleanup;
 mod endings;
 mod ends;
+mod failing;
 mod finalizers;
 mod free;
 mod grant;
@@ -43,6 +44,10 @@ mod status;
 mod verify;
 mod view;
 
+pub use failing::{
+    failing_status, notified, recovered_status, Notice, Streak, CONDITION_RECONCILED, MAX_NOTIFIED,
+    PERSISTENT_FAILURES,
+};
 pub use lease::{is_managed, slim as slim_lease, takeover_allowed, update_patch, writable};
 pub use lock::{decide_lock, LockInput, LockMemory, LockPlan, LockStep};
 pub use reason::{End, Reason};

@@ -35,6 +35,11 @@ pub enum Reason {
     InvalidObject,
     /// Not granted within spec.acquireTimeoutSeconds (try-lock: not at once).
     AcquireTimeout,
+    /// Reconciles of the claim's lock keep failing for one reason (condition
+    /// `Reconciled=False`, and a Warning Event).
+    ReconcileFailed,
+    /// Reconciles of the claim's lock succeed again (condition `Reconciled=True`).
+    Reconciled,
 }
 
 impl Reason {
@@ -56,6 +61,8 @@ impl Reason {
             Reason::Rejected => "Rejected",
             Reason::InvalidObject => "InvalidObject",
             Reason::AcquireTimeout => "AcquireTimeout",
+            Reason::ReconcileFailed => "ReconcileFailed",
+            Reason::Reconciled => "Reconciled",
         }
     }
 

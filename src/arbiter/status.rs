@@ -103,7 +103,7 @@ pub(super) fn finished_at(c: &LockClaim) -> Option<Timestamp> {
 }
 
 /// Sets a condition; lastTransitionTime moves only when the status flips.
-fn set_condition(
+pub(super) fn set_condition(
     st: &mut LockClaimStatus,
     c: &LockClaim,
     type_: &str,

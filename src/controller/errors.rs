@@ -123,6 +123,22 @@ impl Error {
         }
     }
 
+    /// The error for people (conditions, Events): as displayed, except that an API
+    /// server's refusal is given by its message and code (kube's display of it appends
+    /// the whole response, which would not fit an Event).
+    pub fn brief(&self) -> String {
+        use std::error::Error as _;
+        let full = self.to_string();
+        match self.source().and_then(|s| s.downcast_ref::<kube::Error>()) {
+            Some(cause @ kube::Error::Api(s)) => {
+                let cause = cause.to_string();
+                let what = full.strip_suffix(cause.as_str()).unwrap_or(&full);
+                format!("{what}{} (HTTP {} {})", s.message, s.code, s.reason)
+            }
+            _ => full,
+        }
+    }
+
     /// Conflicts resolve themselves on the next read; everything else backs off longer.
     pub fn is_conflict(&self) -> bool {
         matches!(self, Error::Conflict { .. } | Error::UnwatchedLease { .. })

@@ -62,6 +62,18 @@ async fn publish_all(
     }
 }
 
+/// The API server refuses an Event whose note is longer than this (bytes).
+const MAX_NOTE: usize = 1024;
+
+/// The longest prefix of `s` within `max` bytes that ends on a character boundary.
+fn fit(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Publishes one Event; a failure is logged, never fatal.
 async fn publish(client: &Client, reporter: &Reporter, note: &Note, reference: &ObjectReference) {
     let ev = Event {
@@ -71,7 +83,7 @@ async fn publish(client: &Client, reporter: &Reporter, note: &Note, reference: &
             EventType::Normal
         },
         reason: note.reason.as_str().to_string(),
-        note: Some(note.message.clone()),
+        note: Some(fit(&note.message, MAX_NOTE).to_string()),
         action: "Arbitrate".into(),
         secondary: None,
     };
@@ -82,5 +94,22 @@ async fn publish(client: &Client, reporter: &Reporter, note: &Note, reference: &
     let recorder = Recorder::new(client.clone(), reporter.clone());
     if let Err(e) = recorder.publish(&ev, reference).await {
         tracing::debug!(error = %e, reason = note.reason.as_str(), "cannot publish Event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fit;
+
+    #[test]
+    fn a_long_note_is_cut_to_the_limit_on_a_character_boundary() {
+        assert_eq!(fit("short", 1024), "short");
+        let long = "é".repeat(600); // 1200 bytes
+        let cut = fit(&long, 1024);
+        assert_eq!(cut.len(), 1024);
+        assert!(
+            fit(&long, 1023).len() == 1022,
+            "a cut inside a character moves back"
+        );
     }
 }

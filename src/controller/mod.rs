@@ -15,6 +15,7 @@ pub mod config;
 mod errors;
 mod events;
 mod execute;
+mod failing;
 mod foreign;
 mod locks;
 pub mod queue;
@@ -74,6 +75,8 @@ struct KeyState {
     lease_rvs: BTreeMap<u32, u64>,
     claim_rvs: HashMap<String, u64>,
     failures: u32,
+    /// The run of failures, for telling the claims when it persists.
+    streak: arbiter::Streak,
     waiting: usize,
     /// Slot Leases the watches do not show (neither our label nor the takeover label),
     /// learnt from a refused create; read again when `recheck` is due.

@@ -11,7 +11,7 @@ use kube::ResourceExt;
 use tokio::time::Instant;
 
 use super::execute::{self, LeaseWrite, Written};
-use super::{chaos, foreign, locks, Context, Error, KeyState, LeaseKey};
+use super::{chaos, failing, foreign, locks, Context, Error, KeyState, LeaseKey};
 use crate::api::{slot_lease, Lock, LockClaim, MAX_CAPACITY, MIN_CAPACITY};
 use crate::arbiter::{self, LockMemory, LockPlan, Outcome};
 use crate::telemetry::{NamespaceLabel, ReasonLabel};
@@ -32,6 +32,7 @@ pub(super) async fn reconcile_key(ctx: &Arc<Context>, key: &LeaseKey) {
             if let Some(s) = ctx.keys().get_mut(key) {
                 s.failures = 0;
             }
+            failing::succeeded(ctx, key).await;
             next
         }
         Err(Error::UnwatchedLease { lease, slot, .. }) => {
@@ -39,7 +40,11 @@ pub(super) async fn reconcile_key(ctx: &Arc<Context>, key: &LeaseKey) {
             foreign::learn(ctx, key, slot, *lease);
             Some(Duration::ZERO)
         }
-        Err(e) => Some(failed(ctx, key, &e)),
+        Err(e) => {
+            let after = failed(ctx, key, &e);
+            failing::failed(ctx, key, &e).await;
+            Some(after)
+        }
     };
     tracing::trace!(namespace = %key.namespace, lease = %key.name, took_us = (ctx.mono() - started).as_micros() as u64, "reconciled");
     if let Some(after) = next {
@@ -49,12 +54,13 @@ pub(super) async fn reconcile_key(ctx: &Arc<Context>, key: &LeaseKey) {
 
 /// A reconcile panicked (the worker contained it): counted as an error of reason
 /// `Panic`, and the key tried again with backoff, like any failure.
-pub(super) fn reconcile_panicked(ctx: &Context, key: &LeaseKey) {
+pub(super) fn reconcile_panicked(ctx: &Arc<Context>, key: &LeaseKey) {
     let e = Error::Panicked {
         lease: key.name.clone(),
     };
     let after = failed(ctx, key, &e);
     ctx.queue.schedule(key.clone(), Instant::now() + after);
+    failing::panicked(ctx, key, e);
 }
 
 /// Counts and logs a failed reconcile; returns the backoff before the next try.
