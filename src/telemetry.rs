@@ -141,6 +141,8 @@ pub struct Metrics {
     pub lease_transitions: Counter,
     /// Waiting claims, per namespace.
     pub queue_depth: Family<NamespaceLabel, Gauge>,
+    /// Claims waiting although their lock has a free slot, per namespace.
+    pub stalled_waiters: Family<NamespaceLabel, Gauge>,
     /// Claim creation to Granted.
     pub grant_latency: Histogram,
     /// Previous grant ended to next Granted.
@@ -195,6 +197,7 @@ impl Metrics {
             expiries: Family::default(),
             lease_transitions: Counter::default(),
             queue_depth: Family::default(),
+            stalled_waiters: Family::default(),
             grant_latency: buckets(),
             handoff_latency: buckets(),
             reconcile_errors: Family::default(),
@@ -233,6 +236,11 @@ impl Metrics {
             "queue_depth",
             "Claims waiting, per namespace",
             m.queue_depth.clone(),
+        );
+        r.register(
+            "stalled_waiters",
+            "Claims waiting although their lock has a free slot (lock delay, or grants that keep failing), per namespace",
+            m.stalled_waiters.clone(),
         );
         r.register(
             "grant_latency_seconds",

@@ -811,7 +811,15 @@ async fn e2e_16_a_failure_that_persists_shows_on_the_claim_and_clears_when_it_en
         assert!(t0.elapsed() < T, "the admission policy never took effect");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let _op = Operator::start(&client, &ns, GC).await;
+    let op = Operator::start(&client, &ns, GC).await;
+    let stalled = |op: &Operator| {
+        let line = format!("leasekeeper_stalled_waiters{{namespace=\"{ns}\"}} ");
+        op.metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(line.as_str()).map(str::to_string))
+            .unwrap_or_default()
+    };
     let api: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
     create_claim(&api, "a", spec("blocked")).await;
     create_claim(&api, "fine", spec("other")).await;
@@ -836,6 +844,11 @@ async fn e2e_16_a_failure_that_persists_shows_on_the_claim_and_clears_when_it_en
         "the message names the reason and the API server's error: {message}"
     );
     assert_ne!(api.get("a").await.expect("a").phase(), Some(Phase::Granted));
+    assert_eq!(
+        stalled(&op),
+        "1",
+        "a waits on a free Lease: counted as stalled"
+    );
     // One failing lock stops nobody else.
     wait_phase(&api, "fine", Phase::Granted, T).await;
     assert!(reconciled(&api.get("fine").await.expect("fine")).is_none());
@@ -870,5 +883,10 @@ async fn e2e_16_a_failure_that_persists_shows_on_the_claim_and_clears_when_it_en
             c.status
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let t0 = Instant::now();
+    while stalled(&op) != "0" {
+        assert!(t0.elapsed() < T, "granted, but still counted as stalled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -11,7 +11,7 @@ use jiff::Timestamp;
 
 use super::status::{base, set_condition};
 use super::Reason;
-use crate::api::{LockClaim, LockClaimStatus, Phase};
+use crate::api::{LockClaim, LockClaimStatus, Phase, CONDITION_GRANTED};
 
 /// The condition type that turns False while reconciles of the claim's lock keep failing.
 pub const CONDITION_RECONCILED: &str = "Reconciled";
@@ -96,6 +96,37 @@ pub fn notified<'a>(claims: &[&'a LockClaim]) -> Vec<&'a LockClaim> {
     });
     live.truncate(MAX_NOTIFIED);
     live
+}
+
+/// Claims that wait although their lock has a free slot, as the claims say: live
+/// claims not Granted (or not yet arbitrated) while fewer than `capacity` claims are
+/// Granted. A claim waiting on a Lease someone else holds (`HeldExternally`) or one the
+/// operator may not write (`LeaseNotManaged`) has its reason and is not counted. A lock
+/// delay makes this briefly non-zero; a grant that keeps failing keeps it non-zero (the
+/// alert `LeasekeeperClaimsStuck`).
+pub fn stalled_waiters(claims: &[&LockClaim], capacity: u32) -> usize {
+    let live = |c: &&&LockClaim| {
+        c.metadata.deletion_timestamp.is_none() && !c.phase().is_some_and(Phase::is_terminal)
+    };
+    let granted = claims
+        .iter()
+        .filter(live)
+        .filter(|c| c.phase() == Some(Phase::Granted))
+        .count();
+    if granted >= capacity as usize {
+        return 0;
+    }
+    let explained = |c: &LockClaim| {
+        c.condition(CONDITION_GRANTED).is_some_and(|x| {
+            x.reason == Reason::HeldExternally.as_str()
+                || x.reason == Reason::LeaseNotManaged.as_str()
+        })
+    };
+    claims
+        .iter()
+        .filter(live)
+        .filter(|c| c.phase() != Some(Phase::Granted) && !c.spec.release && !explained(c))
+        .count()
 }
 
 /// The status that says `c`'s lock keeps failing: `Reconciled=False`, reason
@@ -258,6 +289,43 @@ mod tests {
         assert_eq!(
             (cond.status.as_str(), cond.reason.as_str()),
             ("True", "Reconciled")
+        );
+    }
+
+    #[test]
+    fn waiters_count_as_stalled_only_while_a_slot_is_free_and_nothing_explains_the_wait() {
+        let holder = claim("h", Some(Phase::Granted), None);
+        let waiter = claim("w", Some(Phase::Pending), Some(1));
+        let new = claim("n", None, None);
+        let done = claim("d", Some(Phase::Expired), None);
+        assert_eq!(
+            stalled_waiters(&[&holder, &waiter, &new, &done], 1),
+            0,
+            "the lock is full"
+        );
+        assert_eq!(
+            stalled_waiters(&[&holder, &waiter, &new], 2),
+            2,
+            "one slot free"
+        );
+        assert_eq!(stalled_waiters(&[&waiter, &done], 1), 1, "nobody holds");
+        let mut external = waiter.clone();
+        let now = Timestamp::now();
+        let mut st = base(&external);
+        set_condition(
+            &mut st,
+            &external,
+            CONDITION_GRANTED,
+            false,
+            Reason::HeldExternally,
+            "x",
+            now,
+        );
+        external.status = Some(st);
+        assert_eq!(
+            stalled_waiters(&[&external], 1),
+            0,
+            "waits on an outside holder"
         );
     }
 

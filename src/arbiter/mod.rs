@@ -45,8 +45,8 @@ mod verify;
 mod view;
 
 pub use failing::{
-    failing_status, notified, recovered_status, Notice, Streak, CONDITION_RECONCILED, MAX_NOTIFIED,
-    PERSISTENT_FAILURES,
+    failing_status, notified, recovered_status, stalled_waiters, Notice, Streak,
+    CONDITION_RECONCILED, MAX_NOTIFIED, PERSISTENT_FAILURES,
 };
 pub use lease::{is_managed, slim as slim_lease, takeover_allowed, update_patch, writable};
 pub use lock::{decide_lock, LockInput, LockMemory, LockPlan, LockStep};

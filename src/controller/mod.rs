@@ -78,6 +78,8 @@ struct KeyState {
     /// The run of failures, for telling the claims when it persists.
     streak: arbiter::Streak,
     waiting: usize,
+    /// Claims waiting although a slot is free, as last read.
+    stalled: usize,
     /// Slot Leases the watches do not show (neither our label nor the takeover label),
     /// learnt from a refused create; read again when `recheck` is due.
     foreign: BTreeMap<u32, Foreign>,

@@ -15,6 +15,7 @@ use super::{chaos, failing, foreign, locks, Context, Error, KeyState, LeaseKey};
 use crate::api::{slot_lease, Lock, LockClaim, MAX_CAPACITY, MIN_CAPACITY};
 use crate::arbiter::{self, LockMemory, LockPlan, Outcome};
 use crate::telemetry::{NamespaceLabel, ReasonLabel};
+use prometheus_client::metrics::{family::Family, gauge::Gauge};
 
 /// Backoff after failures: conflicts retry fast (the cache usually just lags).
 fn backoff(failures: u32, conflict: bool) -> Duration {
@@ -93,6 +94,7 @@ fn count_error(ctx: &Context, reason: &str) {
 async fn reconcile(ctx: &Arc<Context>, key: &LeaseKey) -> Result<Option<Duration>, Error> {
     foreign::refresh(ctx, key).await?;
     let r = read(ctx, key);
+    note_stalled(ctx, key, &r);
     // A cache older than our own last writes would only produce refused writes: wait
     // for the watch to deliver them (it triggers this key again).
     let Some(memory) = memory_unless_stale(ctx, key, &r) else {
@@ -241,6 +243,7 @@ fn remember(ctx: &Context, key: &LeaseKey, plan: &LockPlan, written: Written, r:
     if !plan.has_live_claims && !ours_left && r.lock.is_none() {
         if let Some(s) = keys.remove(key) {
             adjust_queue_depth(ctx, key, s.waiting, 0);
+            adjust(&ctx.metrics.stalled_waiters, key, s.stalled, 0);
         }
         drop(keys);
         let mut index = ctx.index();
@@ -272,12 +275,30 @@ fn remember(ctx: &Context, key: &LeaseKey, plan: &LockPlan, written: Written, r:
 }
 
 fn adjust_queue_depth(ctx: &Context, key: &LeaseKey, before: usize, after: usize) {
+    adjust(&ctx.metrics.queue_depth, key, before, after);
+}
+
+/// Moves a per-namespace gauge by one key's change from `before` to `after`.
+fn adjust(gauge: &Family<NamespaceLabel, Gauge>, key: &LeaseKey, before: usize, after: usize) {
     if before != after {
-        let g = ctx.metrics.queue_depth.get_or_create(&NamespaceLabel {
+        let g = gauge.get_or_create(&NamespaceLabel {
             namespace: key.namespace.clone(),
         });
         g.inc_by(after as i64 - before as i64);
     }
+}
+
+/// Counts the lock's claims that wait although a slot is free, as read (before the
+/// plan, so that a grant that keeps failing keeps them counted).
+fn note_stalled(ctx: &Context, key: &LeaseKey, r: &Read) {
+    let refs: Vec<&LockClaim> = r.claims.iter().map(|c| c.as_ref()).collect();
+    let now = arbiter::stalled_waiters(&refs, r.capacity);
+    let before = {
+        let mut keys = ctx.keys();
+        let s = keys.entry(key.clone()).or_default();
+        std::mem::replace(&mut s.stalled, now)
+    };
+    adjust(&ctx.metrics.stalled_waiters, key, before, now);
 }
 
 /// Counts what the plan changed.
