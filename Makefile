@@ -10,7 +10,7 @@ CARGO ?= cargo
 PROPTEST_CASES ?= 10000
 SOAK_CASES ?= 1000000
 
-.PHONY: all build release crd run test unit lint soak chart-test bench bench-smoke chaos chaos-smoke chaos-semaphore chaos-controls chaos-build compat plane-build plane-up plane-down image e2e-cluster node-up node-down dockerfile-replay
+.PHONY: all build release crd run test unit lint promtool soak chart-test bench bench-smoke chaos chaos-smoke chaos-semaphore chaos-controls chaos-build compat plane-build plane-up plane-down image e2e-cluster node-up node-down dockerfile-replay
 
 all: build
 
@@ -29,6 +29,11 @@ crd:
 plane-build:
 	$(PLANE) build
 
+## promtool from the Prometheus Go module (cached): tests/observability.rs checks the
+## chart's alerts and dashboard queries with it.
+promtool:
+	hack/promtool.sh >/dev/null
+
 plane-up: plane-build
 	$(PLANE) up $(E2E_PLANE)
 
@@ -41,7 +46,7 @@ run: plane-build
 
 ## Everything: unit + property tests, then e2e tests on a real control plane.
 ## KEEP_PLANE=1 leaves the control plane running for the next run.
-test: plane-up
+test: plane-up promtool
 	PROPTEST_CASES=$(PROPTEST_CASES) $(CARGO) test --locked --no-fail-fast --workspace --all-targets -- --nocapture --test-threads=16 2>&1 | tee target/test.log; \
 	  rc=$${PIPESTATUS[0]}; \
 	  [ -n "$(KEEP_PLANE)" ] || $(PLANE) down $(E2E_PLANE); \
