@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -24,6 +24,34 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+mod auth;
+mod tls;
+
+pub use auth::{bearer, Authorizer, Verdict, METRICS_PATH};
+
+/// Who may read `/metrics`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MetricsAuth {
+    /// Anyone who reaches the port (plain HTTP).
+    None,
+    /// Callers whose bearer token the API server authenticates (TokenReview) and RBAC
+    /// allows `get` on the non-resource URL /metrics (SubjectAccessReview); over HTTPS.
+    Rbac,
+}
+
+/// Where and how the probe and metrics servers listen.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// The /metrics address (also /healthz and /readyz unless `probe_addr` is set).
+    pub metrics_addr: SocketAddr,
+    /// A separate plain-HTTP address for /healthz and /readyz.
+    pub probe_addr: Option<SocketAddr>,
+    /// Who may read /metrics.
+    pub auth: MetricsAuth,
+    /// tls.crt and tls.key for the HTTPS of protected metrics (else self-signed).
+    pub cert_dir: Option<std::path::PathBuf>,
 }
 
 /// Errors of the telemetry layer.
@@ -50,6 +78,12 @@ pub enum TelemetryError {
         #[source]
         source: std::io::Error,
     },
+    /// The HTTPS of protected metrics could not be set up.
+    #[error("metrics TLS: {0}")]
+    Tls(String),
+    /// Protected metrics need the probes on a port of their own.
+    #[error("--metrics-auth rbac needs --probe-addr: kubelet's probes carry no token, so /healthz and /readyz must be served apart from the protected /metrics")]
+    ProbesNeedTheirOwnPort,
 }
 
 /// Installs the global tracing subscriber. `RUST_LOG`, when set, wins over `level`.
@@ -361,29 +395,93 @@ impl Readiness {
 struct ProbeState {
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
+    authorizer: Option<Arc<Authorizer>>,
 }
 
-/// Binds `addr` and serves `/healthz`, `/readyz` and `/metrics` until the task is dropped.
-pub async fn serve_probes(
-    addr: SocketAddr,
+/// Starts the probe and metrics servers as `cfg` says; they run until the tasks are
+/// dropped. `client` reviews scrapers' tokens under [`MetricsAuth::Rbac`].
+pub async fn serve(
+    cfg: &ServeConfig,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
-) -> Result<tokio::task::JoinHandle<()>, TelemetryError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| TelemetryError::Bind { addr, source })?;
-    let local = listener.local_addr().unwrap_or(addr);
-    let app = Router::new()
+    client: Option<kube::Client>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, TelemetryError> {
+    let authorizer = match (cfg.auth, client) {
+        (MetricsAuth::Rbac, _) if cfg.probe_addr.is_none() => {
+            return Err(TelemetryError::ProbesNeedTheirOwnPort)
+        }
+        (MetricsAuth::Rbac, Some(c)) => Some(Arc::new(Authorizer::new(c))),
+        (MetricsAuth::Rbac, None) => {
+            return Err(TelemetryError::Tls(
+                "protected metrics need an API client".into(),
+            ))
+        }
+        (MetricsAuth::None, _) => None,
+    };
+    let state = ProbeState {
+        metrics,
+        readiness,
+        authorizer,
+    };
+    let probes = Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
-        .with_state(ProbeState { metrics, readiness });
-    tracing::info!(addr = %local, "serving /healthz, /readyz and /metrics");
+        .route("/readyz", get(readyz));
+    let scrape = Router::new().route(METRICS_PATH, get(metrics_text));
+    let mut tasks = Vec::new();
+    match cfg.probe_addr {
+        None => {
+            let app = probes.merge(scrape).with_state(state);
+            tasks.push(serve_plain(cfg.metrics_addr, app, "/healthz, /readyz and /metrics").await?);
+        }
+        Some(addr) => {
+            tasks.push(
+                serve_plain(
+                    addr,
+                    probes.with_state(state.clone()),
+                    "/healthz and /readyz",
+                )
+                .await?,
+            );
+            let app = scrape.with_state(state);
+            tasks.push(match cfg.auth {
+                MetricsAuth::None => serve_plain(cfg.metrics_addr, app, "/metrics").await?,
+                MetricsAuth::Rbac => serve_tls(cfg, app).await?,
+            });
+        }
+    }
+    Ok(tasks)
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, TelemetryError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| TelemetryError::Bind { addr, source })
+}
+
+async fn serve_plain(
+    addr: SocketAddr,
+    app: Router,
+    what: &'static str,
+) -> Result<tokio::task::JoinHandle<()>, TelemetryError> {
+    let listener = bind(addr).await?;
+    let local = listener.local_addr().unwrap_or(addr);
+    tracing::info!(addr = %local, "serving {what} over HTTP");
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "probe server stopped");
         }
     }))
+}
+
+async fn serve_tls(
+    cfg: &ServeConfig,
+    app: Router,
+) -> Result<tokio::task::JoinHandle<()>, TelemetryError> {
+    let acceptor = tls::acceptor(cfg.cert_dir.as_deref())?;
+    let listener = bind(cfg.metrics_addr).await?;
+    let local = listener.local_addr().unwrap_or(cfg.metrics_addr);
+    tracing::info!(addr = %local, "serving /metrics over HTTPS to callers RBAC allows");
+    Ok(tokio::spawn(tls::serve(listener, app, acceptor)))
 }
 
 async fn readyz(State(s): State<ProbeState>) -> impl IntoResponse {
@@ -394,7 +492,30 @@ async fn readyz(State(s): State<ProbeState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics_text(State(s): State<ProbeState>) -> impl IntoResponse {
+async fn metrics_text(State(s): State<ProbeState>, headers: HeaderMap) -> Response {
+    if let Some(authorizer) = &s.authorizer {
+        let header = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        match authorizer.check(header).await {
+            Ok(Verdict::Allowed) => {}
+            Ok(Verdict::Unauthenticated) => {
+                return (StatusCode::UNAUTHORIZED, "Unauthorized\n").into_response()
+            }
+            Ok(Verdict::Forbidden) => {
+                return (
+                    StatusCode::FORBIDDEN,
+                    "Forbidden: RBAC does not allow get on /metrics\n",
+                )
+                    .into_response()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot review a scraper's token");
+                return (StatusCode::SERVICE_UNAVAILABLE, "cannot review the token\n")
+                    .into_response();
+            }
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -402,4 +523,5 @@ async fn metrics_text(State(s): State<ProbeState>) -> impl IntoResponse {
         )],
         s.metrics.encode(),
     )
+        .into_response()
 }

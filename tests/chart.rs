@@ -165,29 +165,6 @@ fn chart_rejects_bad_values_with_a_message_naming_the_key() {
     }
 }
 
-fn token_kubeconfig(ns: &str, sa: &str, path: &std::path::Path) {
-    let (ok, token, err) =
-        support::kubectl_run(&["create", "token", sa, "-n", ns, "--duration=1h"]);
-    assert!(ok, "kubectl create token: {err}");
-    let admin = std::fs::read_to_string(support::kubeconfig_path()).expect("kubeconfig");
-    let server = admin
-        .split("server: \"")
-        .nth(1)
-        .and_then(|s| s.split('"').next())
-        .expect("server");
-    let ca = admin
-        .split("certificate-authority-data: ")
-        .nth(1)
-        .and_then(|s| s.split(['}', ',', '\n']).next())
-        .expect("ca")
-        .trim();
-    let kc = format!(
-        "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{server}\", certificate-authority-data: {ca}}}}}]\nusers: [{{name: sa, user: {{token: {}}}}}]\ncontexts: [{{name: sa, context: {{cluster: c, user: sa, namespace: {ns}}}}}]\ncurrent-context: sa\n",
-        token.trim()
-    );
-    std::fs::write(path, kc).expect("write kubeconfig");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chart_installs_and_its_service_account_runs_the_lifecycle() {
     let client = support::client().await;
@@ -215,7 +192,7 @@ async fn chart_installs_and_its_service_account_runs_the_lifecycle() {
 
     let sa = format!("{release}-leasekeeper");
     let kc = support::root().join(format!("target/{release}.kubeconfig"));
-    token_kubeconfig(&release_ns, &sa, &kc);
+    support::token_kubeconfig(&release_ns, &sa, &kc);
     let kc_s = kc.to_string_lossy().into_owned();
 
     // Least privilege: the chart's identity cannot read Secrets.

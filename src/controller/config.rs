@@ -1,7 +1,10 @@
 //! The flags of `leasekeeper run`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::telemetry::{MetricsAuth, ServeConfig};
 
 /// Flags of `leasekeeper run`.
 #[derive(clap::Args, Debug, Clone)]
@@ -12,9 +15,28 @@ pub struct RunConfig {
     /// Delete a managed Lease that no live claim has named for this long.
     #[arg(long, env = "LEASEKEEPER_GC_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
     pub gc_grace: Duration,
-    /// Address of the /healthz, /readyz and /metrics server.
+    /// Address of the /metrics server (and of /healthz and /readyz unless --probe-addr
+    /// is set).
     #[arg(long, env = "LEASEKEEPER_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
+    /// Address of a separate plain-HTTP server for /healthz and /readyz; the metrics
+    /// address then serves /metrics only. Needed with --metrics-auth rbac.
+    #[arg(long, env = "LEASEKEEPER_PROBE_ADDR")]
+    pub probe_addr: Option<SocketAddr>,
+    /// Who may read /metrics: `none` (whoever reaches the port, plain HTTP) or `rbac`
+    /// (over HTTPS, callers whose bearer token the API server authenticates and whom
+    /// RBAC allows `get` on the non-resource URL /metrics).
+    #[arg(
+        long,
+        env = "LEASEKEEPER_METRICS_AUTH",
+        value_enum,
+        default_value = "none"
+    )]
+    pub metrics_auth: MetricsAuth,
+    /// Directory holding tls.crt and tls.key for the HTTPS of protected metrics
+    /// (default: a self-signed certificate made at start).
+    #[arg(long, env = "LEASEKEEPER_METRICS_CERT_DIR")]
+    pub metrics_cert_dir: Option<PathBuf>,
     /// How long to wait for the LockClaim CRD to be Established before giving up.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub crd_wait: Duration,
@@ -76,6 +98,16 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
+    /// Where and how the probe and metrics servers listen.
+    pub fn serve_config(&self) -> ServeConfig {
+        ServeConfig {
+            metrics_addr: self.metrics_addr,
+            probe_addr: self.probe_addr,
+            auth: self.metrics_auth,
+            cert_dir: self.metrics_cert_dir.clone(),
+        }
+    }
+
     /// This replica's name: --identity, else the host name.
     pub fn identity(&self) -> String {
         self.identity.clone().unwrap_or_else(|| {

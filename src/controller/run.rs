@@ -38,8 +38,13 @@ pub async fn run(mut cfg: RunConfig) -> Result<(), RunError> {
     let client = Client::try_default().await.map_err(RunError::Config)?;
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::default());
-    let _probes =
-        telemetry::serve_probes(cfg.metrics_addr, metrics.clone(), readiness.clone()).await?;
+    let _servers = telemetry::serve(
+        &cfg.serve_config(),
+        metrics.clone(),
+        readiness.clone(),
+        Some(client.clone()),
+    )
+    .await?;
     wait_for_crd(client.clone(), cfg.crd_wait).await?;
     tracing::info!(
         namespace = cfg.watch_namespace.as_deref().unwrap_or("*"),

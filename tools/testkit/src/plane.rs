@@ -185,3 +185,27 @@ pub async fn install_crd(client: Client, manager: &str, timeout: Duration) {
         }
     }
 }
+
+/// Writes a kubeconfig at `path` that authenticates as ServiceAccount `sa` of `ns` (a
+/// one-hour token from the TokenRequest API) against the test control plane.
+pub fn token_kubeconfig(ns: &str, sa: &str, path: &std::path::Path) {
+    let (ok, token, err) = kubectl_run(&["create", "token", sa, "-n", ns, "--duration=1h"]);
+    assert!(ok, "kubectl create token: {err}");
+    let admin = std::fs::read_to_string(kubeconfig_path()).expect("kubeconfig");
+    let server = admin
+        .split("server: \"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("server");
+    let ca = admin
+        .split("certificate-authority-data: ")
+        .nth(1)
+        .and_then(|s| s.split(['}', ',', '\n']).next())
+        .expect("ca")
+        .trim();
+    let kc = format!(
+        "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{server}\", certificate-authority-data: {ca}}}}}]\nusers: [{{name: sa, user: {{token: {}}}}}]\ncontexts: [{{name: sa, context: {{cluster: c, user: sa, namespace: {ns}}}}}]\ncurrent-context: sa\n",
+        token.trim()
+    );
+    std::fs::write(path, kc).expect("write kubeconfig");
+}
