@@ -5,6 +5,7 @@
 //! One module per scenario under [`scenarios`]; [`measure`] holds what they measure with.
 
 mod measure;
+mod plot;
 mod scenarios;
 
 use std::path::PathBuf;
@@ -75,6 +76,27 @@ async fn main() {
     }
     std::fs::write(&bench.args.out, r.lines.join("\n") + "\n").expect("write report");
     eprintln!("report written to {}", bench.args.out.display());
+    figures(&bench.args.out, &r);
+}
+
+/// The SVG figures beside the report: `<report stem>-latency-cdf.svg` and
+/// `<report stem>-scale.svg`. A figure that cannot be drawn is reported, not fatal.
+fn figures(out: &std::path::Path, r: &Report) {
+    let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("bench");
+    let cdf = out.with_file_name(format!("{stem}-latency-cdf.svg"));
+    let title = "Grant and handoff latency: leasekeeper and client-go leader election";
+    match plot::latency_cdf(&cdf, title, &r.cdfs) {
+        Ok(()) => eprintln!("figure written to {}", cdf.display()),
+        Err(e) => eprintln!("no latency figure: {e}"),
+    }
+    if let Some((curve, total, settled)) = &r.scale {
+        let path = out.with_file_name(format!("{stem}-scale.svg"));
+        let title = format!("Scale: {total} claims created at once, then drained");
+        match plot::settle_curve(&path, &title, curve, *total, *settled) {
+            Ok(()) => eprintln!("figure written to {}", path.display()),
+            Err(e) => eprintln!("no scale figure: {e}"),
+        }
+    }
 }
 
 /// The operator under test, as its own process; returns once it is ready.

@@ -15,6 +15,8 @@ use tokio::time::Instant;
 /// Latency quantiles of one sample.
 pub struct Stats {
     pub n: usize,
+    /// The samples, sorted (for the figures).
+    pub samples: Vec<Duration>,
     pub p50: Duration,
     pub p90: Duration,
     pub p99: Duration,
@@ -38,6 +40,7 @@ pub fn stats(mut v: Vec<Duration>) -> Stats {
         p90: q(0.90),
         p99: q(0.99),
         max: v.last().copied().unwrap_or_default(),
+        samples: v,
     }
 }
 
@@ -253,9 +256,23 @@ pub fn proc_stats(pid: u32) -> (u64, f64) {
 #[derive(Default)]
 pub struct Report {
     pub lines: Vec<String>,
+    /// Latency distributions for the CDF figure, in legend order.
+    pub cdfs: Vec<crate::plot::Cdf>,
+    /// The scale run's curve, its claim count and when it settled (s), for the figure.
+    pub scale: Option<(Vec<crate::plot::ScalePoint>, usize, f64)>,
 }
 
 impl Report {
+    /// Keeps `s`'s samples for the latency figure under `label`.
+    pub fn cdf(&mut self, label: &str, s: &Stats) {
+        if !s.samples.is_empty() {
+            self.cdfs.push(crate::plot::Cdf {
+                label: label.to_string(),
+                samples: s.samples.clone(),
+            });
+        }
+    }
+
     /// One line.
     pub fn add(&mut self, s: impl Into<String>) {
         let s = s.into();

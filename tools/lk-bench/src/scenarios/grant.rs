@@ -44,6 +44,7 @@ pub async fn run(b: &Bench, r: &mut Report) {
     r.add(String::new());
     r.header();
     r.row("leasekeeper grant", &g);
+    r.cdf("leasekeeper grant (claim created -> Granted)", &g);
     r.row("floor: one Lease create", &c);
     r.row("floor: one Lease update", &u);
     r.add(String::new());

@@ -91,9 +91,11 @@ pub fn report(r: &mut Report, h: &Handoffs, peer: &PeerRows) {
             "`release: true`"
         };
         r.row(&format!("leasekeeper, holder {how}"), s);
+        r.cdf(&format!("leasekeeper handoff, holder {how}"), s);
     }
     for (what, s) in peer.iter().filter(|(w, _)| w.contains("SIGTERM")) {
         r.row(what, s);
+        r.cdf(what, s);
     }
     r.add(String::new());
     r.add(format!("API requests per handoff (includes the benchmark's own two creates and one delete/patch): {}", h.cost));

@@ -418,7 +418,8 @@ async fn fairness(b: &Bench, r: &mut Report) {
     let plane = scale::PlaneCpu::start(b);
     let t0 = Instant::now();
     let busy = ["bench-busy".to_string()];
-    let (settle, drain, total) = scale::scale(&b.client, &busy, leases, 10, "busy").await;
+    let run = scale::scale(&b.client, &busy, leases, 10, "busy").await;
+    let (settle, drain, total) = (run.settle, run.drain, run.total);
     let cores = plane.cores(settle + drain);
     let split = |v: Vec<(Instant, Duration)>| {
         let (a, b): (Vec<_>, Vec<_>) = v.into_iter().partition(|(at, _)| *at < t0 + settle);

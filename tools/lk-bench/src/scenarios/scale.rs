@@ -16,6 +16,7 @@ use leasekeeper::api::{LockClaim, Phase, Renewal};
 use tokio::time::Instant;
 
 use crate::measure::{proc_stats, spec, Report};
+use crate::plot::ScalePoint;
 use crate::Bench;
 
 pub async fn run(b: &Bench, r: &mut Report) {
@@ -26,7 +27,9 @@ pub async fn run(b: &Bench, r: &mut Report) {
     };
     let names: Vec<String> = (0..nss).map(|i| format!("bench-scale-{i:02}")).collect();
     let plane = PlaneCpu::start(b);
-    let (t_settle, t_drain, total) = scale(&b.client, &names, per_ns, per_lease, "scale").await;
+    let run = scale(&b.client, &names, per_ns, per_lease, "scale").await;
+    let (t_settle, t_drain, total) = (run.settle, run.drain, run.total);
+    r.scale = Some((run.curve, total, t_settle.as_secs_f64()));
     let plane = plane.cores(t_settle + t_drain);
     let (hwm_kb, cpu_s) = proc_stats(b.op_pid);
     r.add("## 4. Scale");
@@ -97,16 +100,27 @@ impl PlaneCpu {
     }
 }
 
+/// What one scale run measured.
+pub(super) struct ScaleRun {
+    /// Creation start -> settled.
+    pub settle: Duration,
+    /// Release start -> drained.
+    pub drain: Duration,
+    /// Claims.
+    pub total: usize,
+    /// Created, arbitrated and released claims over time, sampled every 250 ms.
+    pub curve: Vec<ScalePoint>,
+}
+
 /// `per_lease` claims on each of `per_ns` Leases in each of `names` (labelled
-/// bench=`label`), created at once, then released as they are granted. Returns
-/// (creation start -> settled, release start -> drained, claims).
+/// bench=`label`), created at once, then released as they are granted.
 pub(super) async fn scale(
     client: &Client,
     names: &[String],
     per_ns: usize,
     per_lease: usize,
     label: &str,
-) -> (Duration, Duration, usize) {
+) -> ScaleRun {
     for ns in names {
         testkit::create_namespace(client, ns, &[]).await;
     }
@@ -128,6 +142,8 @@ pub(super) async fn scale(
     }
     let total = jobs.len();
     let t0 = Instant::now();
+    let curve = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sampler = tokio::spawn(sample_curve(store.clone(), t0, curve.clone()));
     create_all(client, jobs, label).await;
     let settle = loop {
         let claims = store.state();
@@ -138,8 +154,48 @@ pub(super) async fn scale(
     };
     let t1 = Instant::now();
     drain(client, &store, total).await;
+    let drain = t1.elapsed();
+    sampler.abort();
+    let mut curve = curve.lock().map(|c| c.clone()).unwrap_or_default();
+    curve.push(point(&store, t0));
     watch.abort();
-    (settle, t1.elapsed(), total)
+    ScaleRun {
+        settle,
+        drain,
+        total,
+        curve,
+    }
+}
+
+/// Samples the run's curve into `into` every 250 ms until aborted.
+async fn sample_curve(
+    store: Store<LockClaim>,
+    t0: Instant,
+    into: Arc<std::sync::Mutex<Vec<ScalePoint>>>,
+) {
+    loop {
+        let p = point(&store, t0);
+        if let Ok(mut v) = into.lock() {
+            v.push(p);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn point(store: &Store<LockClaim>, t0: Instant) -> ScalePoint {
+    let claims = store.state();
+    let phase_is = |ps: &[Phase]| {
+        claims
+            .iter()
+            .filter(|c| c.phase().is_some_and(|p| ps.contains(&p)))
+            .count()
+    };
+    ScalePoint {
+        t: t0.elapsed().as_secs_f64(),
+        created: claims.len(),
+        arbitrated: phase_is(&[Phase::Granted, Phase::Pending]),
+        released: phase_is(&[Phase::Released]),
+    }
 }
 
 async fn create_all(client: &Client, jobs: Vec<(String, String, String)>, label: &str) {
