@@ -2,7 +2,8 @@
 //! bridge, kube-proxy: `hack/node.sh`): the image built from the Dockerfile, `helm
 //! install` with the chart's defaults (2 replicas, leader election), Pods Ready, claims
 //! granted, a Job holding a lock, failover by Pod deletion, container kill and network
-//! partition, `helm upgrade` under load, RBAC, PDB and ServiceMonitor, `helm uninstall`.
+//! partition, `helm upgrade` under load, RBAC, PDB and ServiceMonitor, the dashboard,
+//! alerts and protected metrics, `helm uninstall`.
 //!
 //! Ignored in `make test` (no node there); `make e2e-cluster` brings the node up, builds
 //! and imports the images, and runs these with `--ignored`. The steps share one release,
@@ -255,6 +256,7 @@ async fn cluster_install_run_fail_over_upgrade_and_uninstall() {
     upgrade_under_load(&client, &history, &mut summary).await;
     rec.abort();
     pdb_and_service_monitor();
+    observability_and_protected_metrics(&client, &mut summary).await;
     uninstall(&client).await;
     let text = summary.join("\n");
     println!("{text}");
@@ -787,6 +789,116 @@ fn pdb_and_service_monitor() {
         "{out}"
     );
 }
+
+/// The dashboard ConfigMap and the PrometheusRule apply (the rule with a stand-in of the
+/// Prometheus Operator's CRD); with `metrics.auth=true` the Pods roll, become Ready
+/// through probes on their own port, and serve /metrics over HTTPS to a token bound to
+/// the chart's reader role only (the operator's ServiceAccount makes the reviews).
+async fn observability_and_protected_metrics(client: &Client, summary: &mut Vec<String>) {
+    support::kubectl_stdin(&["apply", "-f", "-"], PROMETHEUS_RULE_CRD);
+    kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/prometheusrules.monitoring.coreos.com",
+        "--timeout=30s",
+    ]);
+    let chart = support::root().join("charts/leasekeeper");
+    let t0 = Instant::now();
+    helm(&[
+        "upgrade",
+        RELEASE,
+        &chart.to_string_lossy(),
+        "-n",
+        NS,
+        "--reuse-values",
+        "--set",
+        "grafanaDashboard.enabled=true",
+        "--set",
+        "prometheusRule.enabled=true",
+        "--set",
+        "metrics.auth=true",
+    ]);
+    kubectl(&[
+        "rollout",
+        "status",
+        "deployment",
+        "-n",
+        NS,
+        "--timeout=180s",
+    ]);
+    let pods = wait_ready_pods(client).await;
+    let rolled = t0.elapsed();
+    let out = kubectl(&["get", "prometheusrule,configmap", "-n", NS, "-o", "name"]);
+    assert!(
+        out.contains("prometheusrule.monitoring.coreos.com/lk-leasekeeper")
+            && out.contains("configmap/lk-leasekeeper-dashboard"),
+        "{out}"
+    );
+    let reader = "lk-leasekeeper-metrics-reader";
+    support::kubectl_stdin(
+        &["apply", "-f", "-"],
+        &format!(
+            r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: prometheus, namespace: {NS}}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: nobody, namespace: {NS}}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: {reader}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {reader}}}
+subjects:
+- {{kind: ServiceAccount, name: prometheus, namespace: {NS}}}
+"#
+        ),
+    );
+    let token = |sa: &str| {
+        kubectl(&["create", "token", sa, "-n", NS, "--duration=1h"])
+            .trim()
+            .to_string()
+    };
+    let (reader_token, other_token) = (token("prometheus"), token("nobody"));
+    for p in &pods {
+        let ip = pod_ip(p);
+        let url = format!("https://{ip}:8080/metrics");
+        let (code, body) = support::curl(&url, Some(&reader_token));
+        assert_eq!(code, 200, "{url} with the reader's token: {body}");
+        assert!(body.contains("leasekeeper_leader"), "{body}");
+        assert_eq!(
+            support::curl(&url, Some(&other_token)).0,
+            403,
+            "{url} without the RBAC"
+        );
+        assert_eq!(support::curl(&url, None).0, 401, "{url} without a token");
+        assert_eq!(
+            support::curl(&format!("http://{ip}:8081/healthz"), None),
+            (200, "ok".to_string())
+        );
+    }
+    kubectl(&["delete", "clusterrolebinding", reader]);
+    summary.push(format!(
+        "- dashboard ConfigMap and PrometheusRule applied; metrics.auth=true rolled out in {:.1} s, Pods Ready through the probe port; /metrics over HTTPS: reader token 200, other token 403, none 401",
+        rolled.as_secs_f64()
+    ));
+}
+
+const PROMETHEUS_RULE_CRD: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: prometheusrules.monitoring.coreos.com}
+spec:
+  group: monitoring.coreos.com
+  scope: Namespaced
+  names: {kind: PrometheusRule, plural: prometheusrules, singular: prometheusrule}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+"#;
 
 const SERVICE_MONITOR_CRD: &str = r#"
 apiVersion: apiextensions.k8s.io/v1

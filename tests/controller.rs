@@ -890,3 +890,52 @@ async fn e2e_16_a_failure_that_persists_shows_on_the_claim_and_clears_when_it_en
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Waits until claim `name` carries condition Reconciled with `status`.
+async fn wait_reconciled(api: &Api<LockClaim>, name: &str, status: &str) -> (String, String) {
+    let t0 = Instant::now();
+    loop {
+        let c = api.get(name).await.expect("claim");
+        if let Some((s, r, m)) = reconciled(&c) {
+            if s == status {
+                return (r, m);
+            }
+        }
+        assert!(
+            t0.elapsed() < T,
+            "Reconciled never {status}: {:?}",
+            c.status
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_17_a_failure_shown_by_an_earlier_operator_is_cleared_by_the_next() {
+    let client = support::client().await;
+    let ns = support::namespace(&client, "e2e-failing-restart").await;
+    support::kubectl_stdin(&["apply", "-f", "-"], &lease_block_policy(&ns, "blocked"));
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let t0 = Instant::now();
+    while !lease_create_refused(&leases, "blocked").await {
+        assert!(t0.elapsed() < T, "the admission policy never took effect");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let api: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
+    let op = Operator::start(&client, &ns, GC).await;
+    create_claim(&api, "a", spec("blocked")).await;
+    wait_reconciled(&api, "a", "False").await;
+    // That operator goes; the cause is fixed; the next one, which never saw the
+    // failures, grants the claim and clears what the first one said.
+    op.stop().await;
+    let (ok, _, err) = support::kubectl_run(&[
+        "delete",
+        "validatingadmissionpolicybinding,validatingadmissionpolicy",
+        &format!("block-{ns}"),
+    ]);
+    assert!(ok, "{err}");
+    let _op = Operator::start(&client, &ns, GC).await;
+    wait_phase(&api, "a", Phase::Granted, T).await;
+    let (reason, _) = wait_reconciled(&api, "a", "True").await;
+    assert_eq!(reason, "Reconciled");
+}

@@ -10,19 +10,7 @@ use std::sync::Arc;
 
 use leasekeeper::telemetry::{self, Metrics, MetricsAuth, Readiness, ServeConfig};
 
-/// (HTTP status, body) of a GET with curl; `token` as a bearer token.
-fn get(url: &str, token: Option<&str>) -> (u16, String) {
-    let mut cmd = std::process::Command::new("curl");
-    // The certificate is self-signed (no --metrics-cert-dir), as scrapers are told.
-    cmd.args(["-sk", "--max-time", "10", "-w", "\n%{http_code}", url]);
-    if let Some(t) = token {
-        cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
-    }
-    let out = cmd.output().expect("curl runs");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
+use support::curl as get;
 
 fn token(ns: &str, sa: &str) -> String {
     let (ok, out, err) = support::kubectl_run(&["create", "token", sa, "-n", ns, "--duration=1h"]);

@@ -33,10 +33,18 @@ pub(super) async fn failed(ctx: &Context, key: &LeaseKey, e: &Error) {
     }
 }
 
-/// Records a successful reconcile of `key`; tells its claims if a failure was shown.
+/// Records a successful reconcile of `key`; tells its claims if a failure was shown,
+/// by this process or by an earlier leader (a claim that still says
+/// `Reconciled=False`).
 pub(super) async fn succeeded(ctx: &Context, key: &LeaseKey) {
     let notice = ctx.keys().get_mut(key).and_then(|s| s.streak.succeeded());
-    if let Some(n) = notice {
+    let shown_before = || {
+        live_claims(ctx, key).iter().any(|c| {
+            c.condition(arbiter::CONDITION_RECONCILED)
+                .is_some_and(|x| x.status == "False")
+        })
+    };
+    if let Some(n) = notice.or_else(|| shown_before().then_some(Notice::Recovered)) {
         tell(ctx, key, &n, None).await;
     }
 }

@@ -209,3 +209,17 @@ pub fn token_kubeconfig(ns: &str, sa: &str, path: &std::path::Path) {
     );
     std::fs::write(path, kc).expect("write kubeconfig");
 }
+
+/// (HTTP status, body) of a GET by curl, with `token` as bearer token. `-k`: protected
+/// metrics serve a self-signed certificate unless given one.
+pub fn curl(url: &str, token: Option<&str>) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sk", "--max-time", "10", "-w", "\n%{http_code}", url]);
+    if let Some(t) = token {
+        cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    let out = cmd.output().expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
