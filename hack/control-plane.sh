@@ -156,7 +156,7 @@ up() {
   o genrsa -out "$p/sa.key" 2048
   o rsa -in "$p/sa.key" -pubout -out "$p/sa.pub"
   local nofsync=
-  "$BIN/etcd" --help 2>&1 | grep -q unsafe-no-fsync && nofsync=--unsafe-no-fsync=true
+  "$BIN/etcd" --help 2>&1 | grep unsafe-no-fsync >/dev/null && nofsync=--unsafe-no-fsync=true
   # A bare plane has no controller creating ServiceAccounts: admission must not require
   # them. A node plane (hack/node.sh) runs kube-controller-manager, gives Pods tokens,
   # advertises the bridge address and logs every write (who, from where, when).

@@ -31,7 +31,14 @@ OUT=target/image
 log() { printf '[image] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-have() { buildah images --format '{{.Name}}:{{.Tag}}' 2>/dev/null | grep -qx "$1"; }
+# The list is read whole before it is searched: `buildah images | grep -q` under
+# pipefail fails when grep exits at the first match and buildah, still writing, gets
+# SIGPIPE (seen once many untagged images had piled up).
+have() {
+  local names
+  names=$(buildah images --format '{{.Name}}:{{.Tag}}' 2>/dev/null) || return 1
+  grep -qx "$1" <<<"$names"
+}
 
 ensure_packages() {
   local need=()

@@ -107,7 +107,7 @@ EOF
 # The sandbox ("pause") image, built locally: no registry is reachable.
 pause_image() {
   local w=$1
-  ctr --address "$CTR_SOCK" -n k8s.io images ls -q | grep -qx localhost/pause:local && return 0
+  ctr --address "$CTR_SOCK" -n k8s.io images ls -q | grep -x localhost/pause:local >/dev/null && return 0
   local src=$w/pause-src
   mkdir -p "$src"
   cat >"$src/main.go" <<'EOF'
@@ -230,7 +230,7 @@ up() {
     sleep 0.5
   done
   for _ in $(seq 60); do
-    iptables -t nat -S KUBE-SERVICES 2>/dev/null | grep -q 'default/kubernetes' && break
+    iptables -t nat -S KUBE-SERVICES 2>/dev/null | grep 'default/kubernetes' >/dev/null && break
     sleep 0.5
   done
   log "ready: node $NODE, API server https://$NODE_IP:$(cat "$w/apiserver.port"), dir $w"
