@@ -756,7 +756,7 @@ async fn upgrade_under_load(
 /// The PodDisruptionBudget and the ServiceMonitor render and apply (the latter with a
 /// minimal stand-in of the Prometheus Operator's CRD).
 fn pdb_and_service_monitor() {
-    support::kubectl_stdin(&["apply", "-f", "-"], SERVICE_MONITOR_CRD);
+    support::kubectl_stdin(&["apply", "-f", "-"], &monitoring_crd("ServiceMonitor"));
     kubectl(&[
         "wait",
         "--for=condition=Established",
@@ -795,7 +795,7 @@ fn pdb_and_service_monitor() {
 /// through probes on their own port, and serve /metrics over HTTPS to a token bound to
 /// the chart's reader role only (the operator's ServiceAccount makes the reviews).
 async fn observability_and_protected_metrics(client: &Client, summary: &mut Vec<String>) {
-    support::kubectl_stdin(&["apply", "-f", "-"], PROMETHEUS_RULE_CRD);
+    support::kubectl_stdin(&["apply", "-f", "-"], &monitoring_crd("PrometheusRule"));
     kubectl(&[
         "wait",
         "--for=condition=Established",
@@ -837,23 +837,7 @@ async fn observability_and_protected_metrics(client: &Client, summary: &mut Vec<
     let reader = "lk-leasekeeper-metrics-reader";
     support::kubectl_stdin(
         &["apply", "-f", "-"],
-        &format!(
-            r#"apiVersion: v1
-kind: ServiceAccount
-metadata: {{name: prometheus, namespace: {NS}}}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {{name: nobody, namespace: {NS}}}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: {{name: {reader}}}
-roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {reader}}}
-subjects:
-- {{kind: ServiceAccount, name: prometheus, namespace: {NS}}}
-"#
-        ),
+        &support::scrapers(NS, reader, "prometheus", "nobody"),
     );
     let token = |sa: &str| {
         kubectl(&["create", "token", sa, "-n", NS, "--duration=1h"])
@@ -885,35 +869,28 @@ subjects:
     ));
 }
 
-const PROMETHEUS_RULE_CRD: &str = r#"
+/// A minimal stand-in for one of the Prometheus Operator's CRDs (any spec accepted), so
+/// the chart's objects of that kind apply.
+fn monitoring_crd(kind: &str) -> String {
+    let plural = format!("{}s", kind.to_lowercase());
+    format!(
+        r#"
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
-metadata: {name: prometheusrules.monitoring.coreos.com}
+metadata: {{name: {plural}.monitoring.coreos.com}}
 spec:
   group: monitoring.coreos.com
   scope: Namespaced
-  names: {kind: PrometheusRule, plural: prometheusrules, singular: prometheusrule}
+  names: {{kind: {kind}, plural: {plural}, singular: {singular}}}
   versions:
     - name: v1
       served: true
       storage: true
-      schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
-"#;
-
-const SERVICE_MONITOR_CRD: &str = r#"
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata: {name: servicemonitors.monitoring.coreos.com}
-spec:
-  group: monitoring.coreos.com
-  scope: Namespaced
-  names: {kind: ServiceMonitor, plural: servicemonitors, singular: servicemonitor}
-  versions:
-    - name: v1
-      served: true
-      storage: true
-      schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
-"#;
+      schema: {{openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}}}
+"#,
+        singular = kind.to_lowercase()
+    )
+}
 
 /// helm uninstall leaves nothing stuck: a namespace full of claims deletes completely.
 async fn uninstall(client: &Client) {

@@ -28,32 +28,22 @@ fn addr() -> SocketAddr {
 async fn protected_metrics_answer_only_callers_rbac_allows() {
     let client = support::client().await;
     let ns = support::namespace(&client, "e2e-metrics-auth").await;
+    let reader = format!("{ns}-metrics-reader");
     support::kubectl_stdin(
         &["apply", "-f", "-"],
         &format!(
-            r#"apiVersion: v1
-kind: ServiceAccount
-metadata: {{name: scraper, namespace: {ns}}}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {{name: nobody, namespace: {ns}}}
----
-apiVersion: rbac.authorization.k8s.io/v1
+            r#"apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole
-metadata: {{name: {ns}-metrics-reader}}
+metadata: {{name: {reader}}}
 rules:
 - nonResourceURLs: ["/metrics"]
   verbs: ["get"]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: {{name: {ns}-metrics-reader}}
-roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {ns}-metrics-reader}}
-subjects:
-- {{kind: ServiceAccount, name: scraper, namespace: {ns}}}
 "#
         ),
+    );
+    support::kubectl_stdin(
+        &["apply", "-f", "-"],
+        &support::scrapers(&ns, &reader, "scraper", "nobody"),
     );
     let metrics = Arc::new(Metrics::new());
     metrics.grants.inc();
@@ -146,23 +136,7 @@ async fn the_charts_rbac_lets_the_operator_review_and_its_reader_role_scrape() {
     let reader = format!("{release}-leasekeeper-metrics-reader");
     support::kubectl_stdin(
         &["apply", "-f", "-"],
-        &format!(
-            r#"apiVersion: v1
-kind: ServiceAccount
-metadata: {{name: prometheus, namespace: {ns}}}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {{name: other, namespace: {ns}}}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: {{name: {reader}}}
-roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {reader}}}
-subjects:
-- {{kind: ServiceAccount, name: prometheus, namespace: {ns}}}
-"#
-        ),
+        &support::scrapers(&ns, &reader, "prometheus", "other"),
     );
     let kc = support::root().join(format!("target/{release}.kubeconfig"));
     support::token_kubeconfig(&ns, &format!("{release}-leasekeeper"), &kc);

@@ -253,21 +253,23 @@ mod tests {
         assert_eq!(notified(&refs).len(), MAX_NOTIFIED);
     }
 
+    /// The Reconciled condition's (status, reason) in `st`.
+    fn reconciled(st: &LockClaimStatus) -> (&str, &str) {
+        let cond = st
+            .conditions
+            .iter()
+            .find(|x| x.type_ == CONDITION_RECONCILED)
+            .expect("condition");
+        (cond.status.as_str(), cond.reason.as_str())
+    }
+
     #[test]
     fn the_condition_is_written_once_per_message_and_turns_true_only_after_false() {
         let c = claim("a", Some(Phase::Pending), Some(1));
         let now = Timestamp::now();
         assert_eq!(recovered_status(&c, now), None, "nothing to recover from");
         let st = failing_status(&c, "3 failed: denied", now).expect("written");
-        let cond = st
-            .conditions
-            .iter()
-            .find(|x| x.type_ == CONDITION_RECONCILED)
-            .expect("condition");
-        assert_eq!(
-            (cond.status.as_str(), cond.reason.as_str()),
-            ("False", "ReconcileFailed")
-        );
+        assert_eq!(reconciled(&st), ("False", "ReconcileFailed"));
         assert_eq!(
             st.phase,
             Some(Phase::Pending),
@@ -281,15 +283,7 @@ mod tests {
             "rewritten"
         );
         let back = recovered_status(&c2, now).expect("recovered");
-        let cond = back
-            .conditions
-            .iter()
-            .find(|x| x.type_ == CONDITION_RECONCILED)
-            .expect("condition");
-        assert_eq!(
-            (cond.status.as_str(), cond.reason.as_str()),
-            ("True", "Reconciled")
-        );
+        assert_eq!(reconciled(&back), ("True", "Reconciled"));
     }
 
     #[test]

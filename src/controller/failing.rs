@@ -37,9 +37,17 @@ pub(super) async fn failed(ctx: &Context, key: &LeaseKey, e: &Error) {
 /// by this process or by an earlier leader (a claim that still says
 /// `Reconciled=False`).
 pub(super) async fn succeeded(ctx: &Context, key: &LeaseKey) {
-    let notice = ctx.keys().get_mut(key).and_then(|s| s.streak.succeeded());
+    // The claims are looked at once per key and process, not on every reconcile: what
+    // an earlier leader wrote is in the caches by this process's first reconcile.
+    let (notice, look) = match ctx.keys().get_mut(key) {
+        Some(s) => (
+            s.streak.succeeded(),
+            !std::mem::replace(&mut s.looked_for_stale_failure, true),
+        ),
+        None => (None, false),
+    };
     let shown_before = || {
-        live_claims(ctx, key).iter().any(|c| {
+        look && live_claims(ctx, key).iter().any(|c| {
             c.condition(arbiter::CONDITION_RECONCILED)
                 .is_some_and(|x| x.status == "False")
         })

@@ -77,6 +77,9 @@ struct KeyState {
     failures: u32,
     /// The run of failures, for telling the claims when it persists.
     streak: arbiter::Streak,
+    /// Whether a successful reconcile has looked for a `Reconciled=False` left by an
+    /// earlier leader.
+    looked_for_stale_failure: bool,
     waiting: usize,
     /// Claims waiting although a slot is free, as last read.
     stalled: usize,

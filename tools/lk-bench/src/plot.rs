@@ -88,14 +88,21 @@ pub fn latency_cdf(path: &Path, title: &str, series: &[Cdf]) -> Result<(), Strin
             .label(label)
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
     }
+    legend(&mut chart)?;
+    root.present().map_err(|e| e.to_string())
+}
+
+/// The legend box, lower right.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+) -> Result<(), String> {
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .draw()
-        .map_err(|e| e.to_string())?;
-    root.present().map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// A staircase through CDF points, so the line shows the empirical distribution.
@@ -165,13 +172,7 @@ pub fn settle_curve(
             "settled: every claim Granted or at its place ({settled_at:.1} s)"
         ))
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.mix(0.6)));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| e.to_string())?;
+    legend(&mut chart)?;
     root.present().map_err(|e| e.to_string())
 }
 

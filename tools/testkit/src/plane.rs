@@ -223,3 +223,26 @@ pub fn curl(url: &str, token: Option<&str>) -> (u16, String) {
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
+
+/// Two ServiceAccounts in `ns`, `allowed` bound to the ClusterRole `role` (a
+/// ClusterRoleBinding named as the role) and `other` bound to nothing: the scrapers of
+/// the protected-metrics tests.
+pub fn scrapers(ns: &str, role: &str, allowed: &str, other: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: {allowed}, namespace: {ns}}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: {other}, namespace: {ns}}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: {role}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {role}}}
+subjects:
+- {{kind: ServiceAccount, name: {allowed}, namespace: {ns}}}
+"#
+    )
+}
