@@ -291,11 +291,25 @@ async fn poison_02_a_leader_whose_caches_cannot_sync_is_not_ready_and_steps_down
         assert!(t0.elapsed() < T, "never led");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(
-        support::scrape(&metrics, "/readyz").await,
-        "not ready",
-        "a leader with unsynced caches is not Ready"
-    );
+    // A follower is Ready; the new leader turns not Ready as its term starts, a moment
+    // after its Lease write (which is what the loop above saw), and stays so while its
+    // caches cannot sync, until it steps down and exits.
+    let t1 = tokio::time::Instant::now();
+    while support::scrape(&metrics, "/readyz").await != "not ready" {
+        assert!(
+            t1.elapsed() < Duration::from_secs(2),
+            "a leader with unsynced caches is not Ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_ne!(
+            support::scrape(&metrics, "/readyz").await,
+            "ready",
+            "Ready again with unsynced caches"
+        );
+    }
     let status = tokio::task::spawn_blocking(move || op.wait())
         .await
         .expect("join")
