@@ -303,9 +303,11 @@ async fn client_03_a_lost_lock_terminates_the_command() {
         "client_03: paused holder resumed -> command stopped in {:?}",
         resumed.elapsed()
     );
-    assert_eq!(status.code(), Some(123));
-    let text = std::fs::read_to_string(&out_file).expect("out");
-    assert!(text.contains("TERM"), "the command got SIGTERM: {text}");
+    // 123: ended because the lock was lost. Past its TTL the Lease may be granted
+    // elsewhere already, so the grace is zero and SIGKILL follows SIGTERM at once:
+    // whether the command's TERM trap gets to run is a race (it lost once under load),
+    // so it is not asserted here.
+    assert_eq!(status.code(), Some(123), "ended as lost");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

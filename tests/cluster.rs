@@ -839,6 +839,7 @@ async fn observability_and_protected_metrics(client: &Client, summary: &mut Vec<
         &["apply", "-f", "-"],
         &support::scrapers(NS, reader, "prometheus", "nobody"),
     );
+    support::wait_can_get_metrics(NS, "prometheus");
     let token = |sa: &str| {
         kubectl(&["create", "token", sa, "-n", NS, "--duration=1h"])
             .trim()

@@ -45,6 +45,7 @@ rules:
         &["apply", "-f", "-"],
         &support::scrapers(&ns, &reader, "scraper", "nobody"),
     );
+    support::wait_can_get_metrics(&ns, "scraper");
     let metrics = Arc::new(Metrics::new());
     metrics.grants.inc();
     let readiness = Arc::new(Readiness::default());
@@ -138,6 +139,7 @@ async fn the_charts_rbac_lets_the_operator_review_and_its_reader_role_scrape() {
         &["apply", "-f", "-"],
         &support::scrapers(&ns, &reader, "prometheus", "other"),
     );
+    support::wait_can_get_metrics(&ns, "prometheus");
     let kc = support::root().join(format!("target/{release}.kubeconfig"));
     support::token_kubeconfig(&ns, &format!("{release}-leasekeeper"), &kc);
     let operator_identity = support::client_for(&kc).await;

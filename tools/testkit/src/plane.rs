@@ -246,3 +246,22 @@ subjects:
 "#
     )
 }
+
+/// Waits (up to 20 s) until RBAC lets ServiceAccount `sa` of `ns` get /metrics, as the
+/// API server's authorizer sees it: a binding just created takes a moment to count, and
+/// the operator caches a verdict for a minute.
+pub fn wait_can_get_metrics(ns: &str, sa: &str) {
+    let who = format!("--as=system:serviceaccount:{ns}:{sa}");
+    let t0 = std::time::Instant::now();
+    loop {
+        let (_, out, _) = kubectl_run(&["auth", "can-i", "get", "/metrics", &who]);
+        if out.trim() == "yes" {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "RBAC never allowed {sa} to get /metrics"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
