@@ -51,6 +51,17 @@ fn helm(args: &[&str]) -> String {
     out
 }
 
+/// `helm upgrade` of the release with its values kept and `sets` changed.
+fn helm_upgrade(sets: &[&str]) -> String {
+    let chart = support::root().join("charts/leasekeeper");
+    let chart = chart.to_string_lossy();
+    let mut args = vec!["upgrade", RELEASE, &chart, "-n", NS, "--reuse-values"];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    helm(&args)
+}
+
 fn ctr(args: &[&str]) -> String {
     let out = Command::new("ctr")
         .args(["-n", "k8s.io"])
@@ -711,18 +722,8 @@ async fn upgrade_under_load(
     ]);
     let churn = Churn::start(client, "churn", "upgrade");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let chart = support::root().join("charts/leasekeeper");
     let t0 = Instant::now();
-    helm(&[
-        "upgrade",
-        RELEASE,
-        &chart.to_string_lossy(),
-        "-n",
-        NS,
-        "--reuse-values",
-        "--set",
-        "image.tag=dev2",
-    ]);
+    helm_upgrade(&["image.tag=dev2"]);
     kubectl(&[
         "rollout",
         "status",
@@ -763,17 +764,8 @@ fn pdb_and_service_monitor() {
         "crd/servicemonitors.monitoring.coreos.com",
         "--timeout=30s",
     ]);
-    let chart = support::root().join("charts/leasekeeper");
-    helm(&[
-        "upgrade",
-        RELEASE,
-        &chart.to_string_lossy(),
-        "-n",
-        NS,
-        "--reuse-values",
-        "--set",
+    helm_upgrade(&[
         "podDisruptionBudget.enabled=true",
-        "--set",
         "serviceMonitor.enabled=true",
     ]);
     let out = kubectl(&[
@@ -802,20 +794,10 @@ async fn observability_and_protected_metrics(client: &Client, summary: &mut Vec<
         "crd/prometheusrules.monitoring.coreos.com",
         "--timeout=30s",
     ]);
-    let chart = support::root().join("charts/leasekeeper");
     let t0 = Instant::now();
-    helm(&[
-        "upgrade",
-        RELEASE,
-        &chart.to_string_lossy(),
-        "-n",
-        NS,
-        "--reuse-values",
-        "--set",
+    helm_upgrade(&[
         "grafanaDashboard.enabled=true",
-        "--set",
         "prometheusRule.enabled=true",
-        "--set",
         "metrics.auth=true",
     ]);
     kubectl(&[
