@@ -62,6 +62,22 @@ fn helm_upgrade(sets: &[&str]) -> String {
     helm(&args)
 }
 
+/// [`helm_upgrade`] with `sets`, then `kubectl rollout status` until the Deployment has
+/// rolled; how long both took.
+fn roll_out(sets: &[&str]) -> Duration {
+    let t0 = Instant::now();
+    helm_upgrade(sets);
+    kubectl(&[
+        "rollout",
+        "status",
+        "deployment",
+        "-n",
+        NS,
+        "--timeout=180s",
+    ]);
+    t0.elapsed()
+}
+
 fn ctr(args: &[&str]) -> String {
     let out = Command::new("ctr")
         .args(["-n", "k8s.io"])
@@ -722,17 +738,7 @@ async fn upgrade_under_load(
     ]);
     let churn = Churn::start(client, "churn", "upgrade");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let t0 = Instant::now();
-    helm_upgrade(&["image.tag=dev2"]);
-    kubectl(&[
-        "rollout",
-        "status",
-        "deployment",
-        "-n",
-        NS,
-        "--timeout=180s",
-    ]);
-    let rolled = t0.elapsed();
+    let rolled = roll_out(&["image.tag=dev2"]);
     let pods = wait_ready_pods(client).await;
     for p in &pods {
         let image = p
@@ -794,22 +800,12 @@ async fn observability_and_protected_metrics(client: &Client, summary: &mut Vec<
         "crd/prometheusrules.monitoring.coreos.com",
         "--timeout=30s",
     ]);
-    let t0 = Instant::now();
-    helm_upgrade(&[
+    let rolled = roll_out(&[
         "grafanaDashboard.enabled=true",
         "prometheusRule.enabled=true",
         "metrics.auth=true",
     ]);
-    kubectl(&[
-        "rollout",
-        "status",
-        "deployment",
-        "-n",
-        NS,
-        "--timeout=180s",
-    ]);
     let pods = wait_ready_pods(client).await;
-    let rolled = t0.elapsed();
     let out = kubectl(&["get", "prometheusrule,configmap", "-n", NS, "-o", "name"]);
     assert!(
         out.contains("prometheusrule.monitoring.coreos.com/lk-leasekeeper")
