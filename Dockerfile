@@ -2,8 +2,9 @@
 # leasekeeper: a multi-stage build of a small non-root image holding the operator
 # (`leasekeeper`) and the workload plugin (`kubectl-lock`, also the sidecar).
 #   docker build -t leasekeeper:0.1.0 .
-# `make test` replays this file's build stage in a scratch directory
-# (hack/dockerfile-replay.sh), so the dependency layer cannot break unseen.
+# `make e2e-cluster` (CI) builds this file with buildah and local stand-ins for its two
+# base images (hack/image.sh) and runs the image on a real node; `make
+# dockerfile-replay` replays the build stage without a container engine.
 
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src

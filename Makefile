@@ -10,7 +10,7 @@ CARGO ?= cargo
 PROPTEST_CASES ?= 10000
 SOAK_CASES ?= 1000000
 
-.PHONY: all build release crd run test unit lint promtool soak chart-test bench bench-smoke chaos chaos-smoke chaos-semaphore chaos-controls chaos-build compat plane-build plane-up plane-down image e2e-cluster node-up node-down dockerfile-replay
+.PHONY: all build release crd run test unit lint promtool soak chart-test bench bench-smoke chaos chaos-smoke chaos-semaphore chaos-controls chaos-build compat bench-node plane-build plane-up plane-down image e2e-cluster node-up node-down dockerfile-replay
 
 all: build
 
@@ -41,15 +41,17 @@ plane-down:
 	$(PLANE) down $(E2E_PLANE)
 
 ## The operator: against KUBECONFIG when it answers, else on a local control plane.
-run: plane-build
+run:
 	hack/run.sh
 
 ## Everything: unit + property tests, then e2e tests on a real control plane.
-## KEEP_PLANE=1 leaves the control plane running for the next run.
+## KEEP_PLANE=1 leaves the control plane running for the next run. The timings the e2e
+## tests print are gathered into target/e2e-timings.md (hack/e2e-timings.sh).
 test: plane-up promtool
 	PROPTEST_CASES=$(PROPTEST_CASES) $(CARGO) test --locked --no-fail-fast --workspace --all-targets -- --nocapture --test-threads=16 2>&1 | tee target/test.log; \
 	  rc=$${PIPESTATUS[0]}; \
 	  [ -n "$(KEEP_PLANE)" ] || $(PLANE) down $(E2E_PLANE); \
+	  hack/e2e-timings.sh target/test.log > target/e2e-timings.md; \
 	  exit $$rc
 
 ## The image from the Dockerfile: `docker build` where a Docker engine answers; here
@@ -105,6 +107,7 @@ lint:
 	$(CARGO) clippy --locked --workspace --all-targets --features leasekeeper/chaos-negative-controls -- -D warnings
 	hack/shellcheck.sh hack/*.sh bench/peers/*.sh .ci/run
 	hack/hadolint.sh Dockerfile
+	python3 hack/docs-check.py
 
 ## Benchmarks against client-go leader election on one local API server (~20 min).
 ## Writes bench/results/latest.md. Asserts nothing: it measures.
@@ -114,6 +117,12 @@ bench: plane-build
 	peer=$$(bench/peers/build.sh) && $(PLANE) up $(BENCH_PLANE) && \
 	  target/release/lk-bench --kubeconfig $(BENCH_PLANE)/kubeconfig --bin target/release --peer $$peer \
 	    --out bench/results/latest.md; rc=$$?; $(PLANE) down $(BENCH_PLANE); exit $$rc
+
+## The node scenarios (Pods by scheduling gates, routes to the holder) on a real
+## one-node cluster with the operator installed by Helm (~15 min). Root only.
+## Writes bench/results/node-latest.md.
+bench-node: plane-build
+	hack/bench-node.sh target/bench-node
 
 ## Every benchmark scenario with small N (part of CI; debug build, numbers not meaningful).
 bench-smoke: plane-build
@@ -135,7 +144,7 @@ CHAOS_ARGS ?= --leases 10 --fault-every 1.5
 ## etcd compacts its own history: kube-apiserver's compactor runs 5 minutes after it
 ## starts, and the chaos run restarts it more often than that, so without this the
 ## history grows until etcd's 2 GiB quota stops every write (seen at 49 minutes).
-CHAOS_ETCD := LK_ETCD_EXTRA_ARGS="--auto-compaction-mode=periodic --auto-compaction-retention=2m --quota-backend-bytes=8589934592"
+CHAOS_ETCD := LK_AUDIT=1 LK_ETCD_EXTRA_ARGS="--auto-compaction-mode=periodic --auto-compaction-retention=2m --quota-backend-bytes=8589934592"
 chaos-build:
 	$(CARGO) build --locked -p leasekeeper -p lk-chaos --features leasekeeper/chaos-negative-controls --target-dir $(CHAOS_TARGET)
 

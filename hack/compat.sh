@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # compat.sh VERSION...: for each Kubernetes release, build its kube-apiserver from the Go
 # module (cached per version under ~/.cache/leasekeeper), start a plane on it, and run the
-# API, controller, client, semaphore, tenant and chart (helm install) e2e suites against it (kubectl and helm
+# API, controller, client, semaphore, tenant, chart (helm install), fencing and pods e2e suites against it (kubectl and helm
 # stay the default release's). Writes a table to $COMPAT_OUT (bench/results/compat.md)
 # and fails if any version failed.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 out=${COMPAT_OUT:-bench/results/compat.md}
-suites=(api controller client semaphore tenant chart)
+suites=(api controller client semaphore tenant chart fencing pods)
 [ $# -gt 0 ] || { echo "usage: $0 VERSION..." >&2; exit 2; }
 
 log() { printf '[compat] %s\n' "$*" >&2; }
@@ -47,6 +47,8 @@ done
 
 {
   echo "# Kubernetes compatibility"
+  echo
+  echo "Commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src tests tools crds charts || echo ' (with uncommitted changes)')."
   echo
   echo "\`make compat\`: each release's kube-apiserver (etcd $(hack/control-plane.sh bin | sed 's/.*-etcd-\(v[0-9.]*\)-.*/\1/')), the suites ${suites[*]} (e2e, against the real API server), kubectl and helm of the default release."
   echo

@@ -143,7 +143,8 @@ pub struct WriteLabel {
 }
 
 /// The kinds of API writes the operator makes, counted so their cost stays visible.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+/// Every one is made through `controller::writer`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue, strum::EnumIter)]
 pub enum WriteKind {
     /// Lease create.
     LeaseCreate,
@@ -155,12 +156,26 @@ pub enum WriteKind {
     LeaseClear,
     /// Lease delete (garbage collection).
     LeaseDelete,
+    /// The proof of creation stamped on a Lease right after its create.
+    LeaseProof,
     /// LockClaim status write.
     ClaimStatus,
     /// LockClaim finalizer add or remove.
     ClaimFinalizer,
     /// LockClaim delete (ttlSecondsAfterFinished).
     ClaimDelete,
+    /// LockClaim create (the claim of a Pod labelled leasekeeper.io/lock).
+    ClaimCreate,
+    /// Pod patch opening a Pod granted its lock (gate removed, token written).
+    PodOpen,
+    /// EndpointSlice create, update or delete: a Service routed to a lock's holder.
+    EndpointSlice,
+    /// LockClaim status cleared because it could not be decoded.
+    ClaimStatusClear,
+    /// Lock status write.
+    LockStatus,
+    /// An Event published.
+    Event,
 }
 
 /// Every metric the operator exports.

@@ -212,6 +212,22 @@ async fn chart_installs_and_its_service_account_runs_the_lifecycle() {
         "-A",
     ]);
     assert_eq!(can.trim(), "no");
+    // It may read its proof key's Secret by name in its own namespace, and no other.
+    let can_i = |what: &str| {
+        let (_, out, _) = support::kubectl_run(&[
+            "--kubeconfig",
+            &kc_s,
+            "auth",
+            "can-i",
+            "get",
+            what,
+            "-n",
+            &release_ns,
+        ]);
+        out.trim().to_string()
+    };
+    assert_eq!(can_i("secrets/leasekeeper-proof-key"), "yes");
+    assert_eq!(can_i("secrets/some-other-secret"), "no");
 
     let op_args = [
         "--leader-elect",
@@ -335,7 +351,7 @@ async fn chart_installs_and_its_service_account_runs_the_lifecycle() {
     wait_phase(&api, "d", Phase::Granted, Duration::from_secs(30)).await;
     // A claim an earlier version left with its finalizer loses it.
     let mut legacy = LockClaim::new("legacy", spec("old"));
-    legacy.metadata.finalizers = Some(vec![leasekeeper::FINALIZER.into()]);
+    legacy.metadata.finalizers = Some(vec![leasekeeper::api::FINALIZER.into()]);
     api.create(&kube::api::PostParams::default(), &legacy)
         .await
         .expect("legacy claim");

@@ -223,18 +223,19 @@ async fn client_03_a_lost_lock_terminates_the_command() {
     .stderr(Stdio::piped())
     .spawn()
     .expect("run");
+    // The shell creates the file before it writes the name: wait for the name.
     let t0 = Instant::now();
-    while !marker.exists() {
+    let claim = loop {
+        let name = std::fs::read_to_string(&marker).unwrap_or_default();
+        if !name.trim().is_empty() {
+            break name.trim().to_string();
+        }
         assert!(
             t0.elapsed() < Duration::from_secs(20),
             "the command never started"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let claim = std::fs::read_to_string(&marker)
-        .expect("claim name")
-        .trim()
-        .to_string();
+    };
     let deleted = Instant::now();
     api.delete(&claim, &Default::default())
         .await
@@ -426,4 +427,67 @@ async fn client_04_library_holds_across_durations_detects_loss_and_elects_leader
     }
     let handovers: Vec<Duration> = terms.windows(2).map(|w| w[1].0 - w[0].1).collect();
     println!("client_04: run_as_leader handovers {handovers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_05_status_of_a_lock_with_capacity_shows_every_slot_with_its_own_token() {
+    let client = support::client().await;
+    let ns = support::namespace(&client, "cl-status").await;
+    let _op = Operator::start(&client, &ns, Duration::from_secs(300)).await;
+    support::create_lock(&client, &ns, "pool", 3).await;
+    let claims: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
+    for n in ["a", "b", "c", "d"] {
+        create_claim(&claims, n, spec("pool")).await;
+    }
+    for n in ["a", "b", "c"] {
+        support::wait_phase(&claims, n, Phase::Granted, Duration::from_secs(20)).await;
+    }
+    let out = kubectl_lock(&ns, &["status", "pool", "-o", "json"])
+        .output()
+        .expect("status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["capacity"], 3);
+    let slots = v["slots"].as_array().expect("slots");
+    assert_eq!(slots.len(), 3, "{v:#}");
+    let mut tokens = std::collections::BTreeSet::new();
+    for (i, s) in slots.iter().enumerate() {
+        assert_eq!(s["slot"], i);
+        let claim = s["claim"].as_str().expect("each slot is held");
+        let c = claims.get(claim).await.expect("claim");
+        let st = c.status.expect("status");
+        assert_eq!(st.slot, Some(i as i32), "{claim} holds slot {i}");
+        assert_eq!(
+            s["fencingToken"].as_i64(),
+            st.fencing_token,
+            "slot {i}'s own token"
+        );
+        assert_eq!(s["lease"].as_str(), st.lease.as_deref());
+        assert_eq!(
+            s["holder"].as_str(),
+            Some(claim),
+            "the slot Lease names its claim"
+        );
+        tokens.insert(st.fencing_token.expect("token"));
+    }
+    assert_eq!(tokens.len(), 3, "three grants, three tokens");
+    let d = v["claims"]
+        .as_array()
+        .expect("claims")
+        .iter()
+        .find(|c| c["name"] == "d")
+        .cloned()
+        .expect("d listed");
+    assert_eq!(d["phase"], "Pending");
+    assert_eq!(d["queuePosition"], 1);
+    let text = kubectl_lock(&ns, &["status", "pool"])
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("capacity 3, held 3, waiting 1"), "{text}");
+    assert!(text.contains("pool-slot-2"), "{text}");
 }

@@ -365,8 +365,8 @@ async fn e2e_08_a_lease_whose_owner_allows_takeover_is_respected_while_renewed_t
                     // Its owner allows a takeover once it stops renewing.
                     labels: Some(
                         [(
-                            leasekeeper::TAKEOVER_LABEL.to_string(),
-                            leasekeeper::TAKEOVER_ALLOWED.to_string(),
+                            leasekeeper::api::TAKEOVER_LABEL.to_string(),
+                            leasekeeper::api::TAKEOVER_ALLOWED.to_string(),
                         )]
                         .into(),
                     ),
@@ -553,8 +553,8 @@ async fn e2e_12_events_land_on_the_right_objects() {
                     name: Some("ext".into()),
                     labels: Some(
                         [(
-                            leasekeeper::TAKEOVER_LABEL.to_string(),
-                            leasekeeper::TAKEOVER_ALLOWED.to_string(),
+                            leasekeeper::api::TAKEOVER_LABEL.to_string(),
+                            leasekeeper::api::TAKEOVER_ALLOWED.to_string(),
                         )]
                         .into(),
                     ),
@@ -795,7 +795,7 @@ async fn lease_create_refused(leases: &Api<Lease>, name: &str) -> bool {
 }
 
 fn reconciled(c: &LockClaim) -> Option<(String, String, String)> {
-    c.condition(leasekeeper::arbiter::CONDITION_RECONCILED)
+    c.condition(leasekeeper::api::CONDITION_RECONCILED)
         .map(|x| (x.status.clone(), x.reason.clone(), x.message.clone()))
 }
 

@@ -12,7 +12,6 @@ use std::process::Command;
 use leasekeeper::telemetry::{
     KindLabel, LockLabel, Metrics, NamespaceLabel, ReasonLabel, WriteKind,
 };
-use serde::Deserialize;
 use support::plane::root;
 
 const KUBE_VERSION: &str = "--kube-version=1.35.0";
@@ -57,7 +56,7 @@ fn run_promtool(dir: &Path, args: &[&str]) -> String {
 }
 
 /// The objects `helm template` renders with `sets`, as YAML documents.
-fn render(sets: &[&str]) -> Vec<serde_yaml::Value> {
+fn render(sets: &[&str]) -> Vec<serde_json::Value> {
     let mut args = vec![
         "template",
         "lk",
@@ -76,13 +75,14 @@ fn render(sets: &[&str]) -> Vec<serde_yaml::Value> {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let (ok, out, err) = support::helm(&refs);
     assert!(ok, "helm template: {err}");
-    serde_yaml::Deserializer::from_str(&out)
-        .filter_map(|d| serde_yaml::Value::deserialize(d).ok())
+    serde_saphyr::from_multiple::<serde_json::Value>(&out)
+        .expect("helm template renders YAML")
+        .into_iter()
         .filter(|v| !v.is_null())
         .collect()
 }
 
-fn of_kind<'a>(docs: &'a [serde_yaml::Value], kind: &str) -> Vec<&'a serde_yaml::Value> {
+fn of_kind<'a>(docs: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::Value> {
     docs.iter()
         .filter(|d| d["kind"].as_str() == Some(kind))
         .collect()
@@ -139,7 +139,7 @@ fn dashboard_and_rules_render_only_when_their_values_are_on() {
         Some("prom")
     );
     let alerts: Vec<&str> = rules[0]["spec"]["groups"][0]["rules"]
-        .as_sequence()
+        .as_array()
         .expect("rules")
         .iter()
         .filter_map(|r| r["alert"].as_str())
@@ -159,12 +159,13 @@ fn dashboard_and_rules_render_only_when_their_values_are_on() {
         .find(|c| c["metadata"]["labels"]["grafana_dashboard"].as_str() == Some("1"))
         .expect("a ConfigMap with the sidecar's label");
     assert_eq!(cm["metadata"]["namespace"].as_str(), Some("monitoring"));
-    // Every alert has a runbook section in the README, under the anchor it links to.
-    let readme = std::fs::read_to_string(root().join("README.md")).expect("README");
+    // Every alert has a runbook section in docs/operations.md, under the anchor it links to.
+    let runbooks =
+        std::fs::read_to_string(root().join("docs/operations.md")).expect("docs/operations.md");
     for a in alerts {
         assert!(
-            readme.contains(&format!("#### {a}")),
-            "no runbook section `#### {a}` in the README"
+            runbooks.contains(&format!("#### {a}")),
+            "no runbook section `#### {a}` in docs/operations.md"
         );
     }
 }
@@ -210,11 +211,8 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     let docs = render(&["prometheusRule.enabled=true"]);
     let rule = of_kind(&docs, "PrometheusRule")[0].clone();
     let dir = workdir("alerts");
-    let groups = serde_yaml::to_string(&serde_yaml::Mapping::from_iter([(
-        "groups".into(),
-        rule["spec"]["groups"].clone(),
-    )]))
-    .expect("yaml");
+    let groups = serde_saphyr::to_string(&serde_json::json!({"groups": rule["spec"]["groups"]}))
+        .expect("yaml");
     std::fs::write(dir.as_path().join("rules.yaml"), groups).expect("write rules");
     std::fs::copy(
         root().join("tests/alerts/leasekeeper.test.yaml"),

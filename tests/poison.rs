@@ -237,11 +237,15 @@ async fn poison_02_a_leader_whose_caches_cannot_sync_is_not_ready_and_steps_down
             &pp,
             &Role {
                 metadata: meta("elect"),
-                rules: Some(vec![rule(
-                    &["coordination.k8s.io"],
-                    &["leases"],
-                    &["get", "list", "watch", "create", "update"],
-                )]),
+                rules: Some(vec![
+                    rule(
+                        &["coordination.k8s.io"],
+                        &["leases"],
+                        &["get", "list", "watch", "create", "update"],
+                    ),
+                    // The proof key's Secret, read (or made) as the leader starts.
+                    rule(&[""], &["secrets"], &["get", "create"]),
+                ]),
             },
         )
         .await

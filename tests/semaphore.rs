@@ -6,24 +6,13 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::{Api, Client};
+use kube::Api;
 use leasekeeper::api::{Lock, LockClaim, LockSpec, Phase, Renewal};
 use testkit as support;
 use testkit::{create_claim, spec, wait_phase, History, Operator};
 
 const T: Duration = Duration::from_secs(20);
 const GC: Duration = Duration::from_secs(300);
-
-async fn lock(client: &Client, ns: &str, name: &str, capacity: i32) -> Api<Lock> {
-    let api: Api<Lock> = Api::namespaced(client.clone(), ns);
-    api.create(
-        &PostParams::default(),
-        &Lock::new(name, LockSpec { capacity }),
-    )
-    .await
-    .expect("Lock");
-    api
-}
 
 async fn set_capacity(api: &Api<Lock>, name: &str, capacity: i32) {
     let p = serde_json::json!({"spec": {"capacity": capacity}});
@@ -84,7 +73,7 @@ async fn sem_01_capacity_three_grants_three_slots_and_a_release_hands_its_slot_o
     let ns = support::namespace(&client, "sem-slots").await;
     let history = History::record(&client, &ns).await;
     let op = Operator::start(&client, &ns, GC).await;
-    let locks = lock(&client, &ns, "gpu", 3).await;
+    let locks = support::create_lock(&client, &ns, "gpu", 3).await;
     let claims: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
     for i in 0..5 {
         create_claim(&claims, &format!("c{i}"), spec("gpu")).await;
@@ -147,7 +136,7 @@ async fn sem_02_capacity_raised_grants_at_once_and_lowered_under_load_revokes_no
     let ns = support::namespace(&client, "sem-capacity").await;
     let history = History::record(&client, &ns).await;
     let _op = Operator::start(&client, &ns, GC).await;
-    let locks = lock(&client, &ns, "pool", 3).await;
+    let locks = support::create_lock(&client, &ns, "pool", 3).await;
     let claims: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
     for i in 0..8 {
         create_claim(&claims, &format!("c{i}"), spec("pool")).await;
@@ -197,7 +186,7 @@ async fn sem_03_a_holder_that_stops_renewing_its_slot_expires_and_the_slot_is_gr
     let client = support::client().await;
     let ns = support::namespace(&client, "sem-expiry").await;
     let _op = Operator::start(&client, &ns, GC).await;
-    lock(&client, &ns, "pool", 2).await;
+    support::create_lock(&client, &ns, "pool", 2).await;
     let claims: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
     create_claim(&claims, "steady", spec("pool")).await;
     wait_phase(&claims, "steady", Phase::Granted, T).await;
@@ -227,7 +216,7 @@ async fn sem_04_try_lock_times_out_at_once_and_a_deadline_times_out_a_waiter_the
     let client = support::client().await;
     let ns = support::namespace(&client, "sem-deadline").await;
     let _op = Operator::start(&client, &ns, GC).await;
-    lock(&client, &ns, "pool", 1).await;
+    support::create_lock(&client, &ns, "pool", 1).await;
     let claims: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
     create_claim(&claims, "holder", spec("pool")).await;
     wait_phase(&claims, "holder", Phase::Granted, T).await;
@@ -289,7 +278,7 @@ async fn sem_05_reserved_slot_names_are_refused_at_admission_and_kubectl_get_lea
         .await
         .expect_err("refused");
     assert!(err.to_string().contains("spec.capacity"), "{err}");
-    lock(&client, &ns, "db", 2).await;
+    support::create_lock(&client, &ns, "db", 2).await;
     create_claim(&claims, "mine", spec("db")).await;
     // A fresh discovery cache: categories are read from discovery, and a cache from
     // before the CRDs changed would not know this one.

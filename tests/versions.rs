@@ -10,7 +10,7 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use kube::api::{DeleteParams, ObjectMeta, PostParams};
 use kube::Api;
 use leasekeeper::api::{LockClaim, CONDITION_GRANTED};
-use leasekeeper::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+use leasekeeper::api::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use support::{create_claim, spec, Operator};
 use testkit as support;
 

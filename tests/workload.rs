@@ -12,7 +12,7 @@ use leasekeeper::api::{LockClaim, Phase};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use testkit as support;
-use testkit::Operator;
+use testkit::{create_claim, spec, wait_phase, Operator};
 use tokio::time::Instant;
 
 const GC: Duration = Duration::from_secs(300);
@@ -498,4 +498,90 @@ async fn workload_05_the_sidecar_says_200_with_the_token_only_on_the_holder_and_
     );
     signal(&b, Signal::SIGKILL);
     let _ = b.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_06_a_signal_while_waiting_withdraws_the_claim_and_the_next_waiter_is_granted_at_once(
+) {
+    let client = support::client().await;
+    let ns = support::namespace(&client, "wl-withdraw").await;
+    let _op = Operator::start(&client, &ns, GC).await;
+    let claims: Api<LockClaim> = Api::namespaced(client.clone(), &ns);
+    // The lock is held by someone else for the whole test.
+    create_claim(&claims, "holder", spec("busy")).await;
+    wait_phase(&claims, "holder", Phase::Granted, Duration::from_secs(20)).await;
+    for (sig, code, verb) in [
+        (Signal::SIGINT, 130, "run"),
+        (Signal::SIGTERM, 143, "run"),
+        (Signal::SIGHUP, 129, "run"),
+        (Signal::SIGINT, 130, "acquire"),
+    ] {
+        let mut args = vec![verb, "busy", "--ttl", "15s"];
+        if verb == "run" {
+            args.extend(["--", "true"]);
+        }
+        let mut p = plugin(&ns, &args).spawn().expect("plugin");
+        // Waiting: its claim is Pending behind the holder.
+        let waiting = || async {
+            live_claims(&client, &ns)
+                .await
+                .into_iter()
+                .filter(|c| c.metadata.name.as_deref() != Some("holder"))
+                .count()
+        };
+        let t0 = std::time::Instant::now();
+        while waiting().await == 0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "no claim from {verb}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        signal(&p, sig);
+        let status = p.wait().expect("wait");
+        assert_eq!(
+            status.code(),
+            Some(code),
+            "{verb} stopped by {sig}: {status:?}"
+        );
+        // The claim is gone by the time the process has exited (asserted within 2 s).
+        let t1 = std::time::Instant::now();
+        while waiting().await > 0 {
+            assert!(
+                t1.elapsed() < Duration::from_secs(2),
+                "{verb} left its claim after {sig}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // A waiter behind a withdrawn one is granted as soon as the holder goes, not a lease
+    // duration later (a dead waiter's claim would have been granted first).
+    let mut first = plugin(&ns, &["run", "busy", "--ttl", "15s", "--", "true"])
+        .spawn()
+        .expect("first waiter");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = scratch("withdraw-second");
+    let second_cmd = format!("echo ran > {}", log.display());
+    let mut second = plugin(
+        &ns,
+        &["run", "busy", "--ttl", "15s", "--", "sh", "-c", &second_cmd],
+    )
+    .spawn()
+    .expect("second waiter");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(&first, Signal::SIGINT);
+    assert_eq!(first.wait().expect("wait").code(), Some(130));
+    let freed = std::time::Instant::now();
+    claims
+        .delete("holder", &Default::default())
+        .await
+        .expect("the holder leaves");
+    let status = second.wait().expect("second");
+    assert_eq!(status.code(), Some(0), "the second waiter's command ran");
+    assert!(log.exists());
+    let took = freed.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "the second waiter waited on the withdrawn one's lease: {took:?}"
+    );
 }

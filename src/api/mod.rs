@@ -15,17 +15,17 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 mod lock;
+mod names;
 pub use lock::{
     parse_slot_lease, slot_lease, Lock, LockHolder, LockSpec, LockStatus, MAX_CAPACITY,
     MIN_CAPACITY,
 };
+pub use names::*;
 
 /// The API group of every leasekeeper resource.
 pub const GROUP: &str = "leasekeeper.io";
 /// The only served version.
 pub const VERSION: &str = "v1alpha1";
-/// The condition type a workload waits on: `kubectl wait --for=condition=Granted`.
-pub const CONDITION_GRANTED: &str = "Granted";
 
 /// Default `spec.leaseDurationSeconds`.
 pub const DEFAULT_LEASE_DURATION_SECONDS: i32 = 15;
@@ -150,7 +150,10 @@ pub struct LockClaimSpec {
     /// itself; the operator renews the Lease while the claim exists and is not
     /// released. Holder: the holder must update the Lease's spec.renewTime at least
     /// once per leaseDurationSeconds (as client-go leader election does) or it is
-    /// expired. Immutable.
+    /// expired. Pod: the claim leasekeeper makes for a Pod labelled leasekeeper.io/lock
+    /// (holderIdentity is the Pod's name): held while the Pod exists, has not Succeeded
+    /// or Failed, and its node's heartbeat Lease has been seen renewed within
+    /// leaseDurationSeconds. Immutable.
     #[serde(default)]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.renewal is immutable"))]
     pub renewal: Renewal,
@@ -222,6 +225,9 @@ pub enum Renewal {
     Controller,
     /// The holder renews the Lease's spec.renewTime itself.
     Holder,
+    /// A Pod holds it (a claim leasekeeper made for a Pod labelled leasekeeper.io/lock):
+    /// alive while the Pod runs and its node's kubelet heartbeats.
+    Pod,
 }
 
 /// The summary phase of a claim; the Granted condition carries the detail.
@@ -404,11 +410,11 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
 
 /// A CRD as YAML, exactly as `leasekeeper crd` prints it and `crds/` commits it (one
 /// file per CRD, named after it).
-pub fn crd_yaml_of(crd: &CustomResourceDefinition) -> Result<String, serde_yaml::Error> {
-    serde_yaml::to_string(crd)
+pub fn crd_yaml_of(crd: &CustomResourceDefinition) -> Result<String, serde_saphyr::ser::Error> {
+    serde_saphyr::to_string(crd)
 }
 
 /// The LockClaim CRD as YAML (see [`crd_yaml_of`]).
-pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+pub fn crd_yaml() -> Result<String, serde_saphyr::ser::Error> {
     crd_yaml_of(&crd())
 }

@@ -1,7 +1,8 @@
-//! Write-order step 5, cleanup: finished claims past ttlSecondsAfterFinished are
-//! deleted; a managed Lease that no live claim has named for the GC grace is deleted.
+//! Write-order step 4 (last), cleanup: finished claims past ttlSecondsAfterFinished are
+//! deleted; a Lease the operator can prove it created (not merely one with its label)
+//! that no live claim has named for the GC grace is deleted.
 
-use super::ends::Ends;
+use super::verdicts::Verdicts;
 use super::view::View;
 use super::{add_secs, deleting, lease, name, status, Draft, Outcome, Reason, Step, Target};
 
@@ -22,12 +23,16 @@ pub(super) fn ttl(v: &View<'_>, d: &mut Draft) {
     }
 }
 
-/// Garbage collection of an unused managed Lease.
-pub(super) fn gc(v: &View<'_>, ends: &Ends, d: &mut Draft) {
+/// Garbage collection of an unused Lease the operator created.
+pub(super) fn gc(v: &View<'_>, ends: &Verdicts, d: &mut Draft) {
     let now = v.now.mono;
     let live_after = v.live.iter().any(|c| !ends.ends(c));
     let unused = v.lease().filter(|l| {
-        lease::writable(Some(l)) && lease::is_managed(l) && !live_after && v.holder.is_none()
+        v.input.lease_proven
+            && lease::writable(Some(l))
+            && lease::is_managed(l)
+            && !live_after
+            && v.holder.is_none()
     });
     let Some(l) = unused else {
         d.plan.memory.unclaimed_since = None;

@@ -1,12 +1,12 @@
-//! Write-order step 2: claims that end are marked not Granted before the Lease moves.
+//! Write-order step 1: claims that end are marked not Granted before the Lease moves.
 
-use super::ends::Ends;
 use super::free::Free;
+use super::verdicts::Verdicts;
 use super::view::{Holding, View};
 use super::{deleting, name, status, Draft, End, Note, Outcome, Reason, Step, Target};
 use crate::api::{LockClaim, Phase};
 
-pub(super) fn mark(v: &View<'_>, ends: &Ends, free: &Free<'_>, d: &mut Draft) {
+pub(super) fn mark(v: &View<'_>, ends: &Verdicts, free: &Free<'_>, d: &mut Draft) {
     let mut notes = Vec::new();
     for c in &v.live {
         let Some(end) = ends.of(c) else {
@@ -26,6 +26,7 @@ pub(super) fn mark(v: &View<'_>, ends: &Ends, free: &Free<'_>, d: &mut Draft) {
         });
         let (warning, reason) = match end {
             End::Released => (false, Reason::Released),
+            End::PodEnded(r) => (false, r),
             End::Expired(_) => (true, Reason::Expired),
             End::Rejected => (true, Reason::Rejected),
             End::TimedOut => (true, Reason::AcquireTimeout),
@@ -65,6 +66,19 @@ fn verdict(lease: &str, c: &LockClaim, end: End) -> (Phase, Reason, String) {
             format!("released Lease {lease}"),
         ),
         End::Expired(r) => (Phase::Expired, r, expiry_message(r, lease, c)),
+        End::PodEnded(r) => (
+            Phase::Released,
+            r,
+            format!(
+                "released Lease {lease}: Pod {} {}",
+                c.identity(),
+                if r == Reason::PodGone {
+                    "is gone"
+                } else {
+                    "has finished"
+                }
+            ),
+        ),
         End::TimedOut => (
             Phase::TimedOut,
             Reason::AcquireTimeout,
@@ -96,6 +110,12 @@ fn expiry_message(r: Reason, lease: &str, c: &LockClaim) -> String {
         Reason::LeaseLost => {
             format!("Lease {lease} was deleted or given to someone else outside leasekeeper")
         }
+        Reason::NodeLost => format!(
+            "the node of Pod {} has not renewed its heartbeat for leaseDurationSeconds={}; its containers may still run, cut off (the lock delay is {}s)",
+            c.identity(),
+            c.spec.lease_duration_seconds,
+            c.spec.lock_delay_seconds
+        ),
         _ => format!(
             "no renewal of Lease {lease} observed for leaseDurationSeconds={}",
             c.spec.lease_duration_seconds

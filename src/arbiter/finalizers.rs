@@ -1,7 +1,7 @@
 //! Claims carry no finalizer: a pending claim holds nothing, and a holder's deletion is
 //! covered by the Lease's claim annotation (name and uid), which makes a Lease whose
 //! claim is gone free for the next grant. Earlier versions put one on every claim; it
-//! comes off wherever it is found, last in the plan (after every write that moves the
+//! comes off wherever it is found, in write-order step 4 (after every write that moves the
 //! Lease off a deleted holder), so that nothing is left stuck after an upgrade.
 
 use super::view::View;

@@ -5,7 +5,7 @@
 
 use jiff::Timestamp;
 
-use super::ends::Ends;
+use super::verdicts::Verdicts;
 use super::view::{Holding, View};
 use super::{add_secs, deleting, lease, Draft};
 use crate::api::{LockClaim, Phase};
@@ -29,7 +29,7 @@ pub(super) struct Free<'a> {
     pub holder_now: Option<String>,
 }
 
-pub(super) fn decide<'a>(v: &View<'a>, ends: &Ends, d: &mut Draft) -> Free<'a> {
+pub(super) fn find<'a>(v: &View<'a>, ends: &Verdicts, d: &mut Draft) -> Free<'a> {
     let now = v.now;
     let holder_stays = v.holder_claim.filter(|h| !ends.ends(h));
     let outsider = v.holder.clone().filter(|_| v.holding == Holding::Outsider);

@@ -1,9 +1,12 @@
-//! Write-order steps 3 and 4: the Lease write (a grant, a clear, or a renewal), then
+//! Write-order steps 2 and 3: the Lease write (a grant, a clear, or a renewal), then
 //! the new holder marked Granted; or an interrupted grant completed.
+
+use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 
 use super::free::Free;
+use super::pods;
 use super::view::View;
 use super::{
     claim_duration, created, deleting, lease, name, since, status, Draft, LeaseWriteKind, Outcome,
@@ -45,10 +48,28 @@ pub(super) fn write_lease<'a>(
         complete_grant(v, hc, l, d);
         return Some(hc);
     }
-    if hc.spec.renewal == Renewal::Controller {
+    if hc.spec.renewal != Renewal::Holder {
         renew_if_due(v, hc, l, d);
     }
+    // A Pod granted earlier whose opening did not land (its patch met a newer Pod).
+    let token = hc.status.as_ref().and_then(|s| s.fencing_token);
+    open_pod(v, hc, token, false, d);
     None
+}
+
+/// Write-order step 3, after the Granted status: a Pod claim's Pod, still gated, is
+/// opened (the gate removed, the token and the Lease written into its annotations).
+fn open_pod(v: &View<'_>, c: &LockClaim, token: Option<i64>, fill_token: bool, d: &mut Draft) {
+    let Some(p) = pods::pod_of(v.input.pods, c, &c.spec.lease_name).filter(|p| p.gated) else {
+        return;
+    };
+    d.push(Step::OpenPod {
+        pod: p.name.clone(),
+        resource_version: p.resource_version.clone(),
+        lease: v.lease_name().to_string(),
+        token,
+        fill_token,
+    });
 }
 
 /// Grants the Lease to `c`: the Lease write, then the Granted status with the token
@@ -62,20 +83,19 @@ fn grant(v: &View<'_>, free: &Free<'_>, c: &LockClaim, d: &mut Draft) {
         kind,
         lease: Box::new(l),
     });
-    let dur = claim_duration(c);
-    d.plan.memory.seen = Some(Seen::renewed(&c.identity(), Some(now.wall), now.mono, dur));
-    d.plan.memory.acquired = Some((name(c), now.wall));
+    let handoff = v
+        .input
+        .memory
+        .freed_at
+        .or(d.plan.memory.freed_at)
+        .map(|f| now.mono.saturating_sub(f));
     let g = status::Grant {
         acquired: now.wall,
         renewed: Some(now.wall),
     };
-    let (st, msg) = status::granted(c, v.lease_name(), v.input.slot, g, now.wall);
-    d.push(Step::SetStatus {
-        claim: name(c),
-        status: st,
-        fill_token: true,
-    });
-    d.note(Target::Claim(name(c)), Reason::Granted, msg);
+    mark_granted(v, c, g, handoff, transition, d);
+    open_pod(v, c, None, true, d);
+    d.plan.memory.freed_at = None;
     if let Some(outsider) = &free.outsider {
         let m = format!(
             "Lease {} held by {outsider:?} expired without renewal; taken over for {}",
@@ -85,24 +105,6 @@ fn grant(v: &View<'_>, free: &Free<'_>, c: &LockClaim, d: &mut Draft) {
         d.note(Target::Claim(name(c)), Reason::TakenOver, m.clone());
         d.note(Target::Lease, Reason::TakenOver, m);
     }
-    let handoff = v
-        .input
-        .memory
-        .freed_at
-        .or(d.plan.memory.freed_at)
-        .map(|f| now.mono.saturating_sub(f));
-    d.plan.outcomes.push(Outcome::Granted {
-        waited: created(c).and_then(|t| since(now.wall, t)),
-        handoff,
-        transition,
-    });
-    d.plan.memory.freed_at = None;
-    let first_due = if c.spec.renewal == Renewal::Holder {
-        dur
-    } else {
-        dur / 3
-    };
-    d.due.at(now.mono, now.mono + first_due);
     if let Some(max) = c.spec.max_hold_seconds {
         d.due.wall(now.wall, super::add_secs(now.wall, max));
     }
@@ -119,28 +121,44 @@ fn complete_grant(v: &View<'_>, hc: &LockClaim, l: &Lease, d: &mut Draft) {
         kind: LeaseWriteKind::Renew,
         lease: Box::new(lease::renew(l, now.wall)),
     });
-    let dur = claim_duration(hc);
-    d.plan.memory.seen = Some(Seen::renewed(&hc.identity(), Some(now.wall), now.mono, dur));
     // The Lease's acquireTime, written by our interrupted grant, never later than now
     // (the holder could have moved it since; a later one would stretch maxHoldSeconds).
     let g = status::Grant {
         acquired: lease::acquire_time(Some(l)).map_or(now.wall, |t| t.min(now.wall)),
         renewed: Some(now.wall),
     };
-    d.plan.memory.acquired = Some((name(hc), g.acquired));
-    let (st, msg) = status::granted(hc, v.lease_name(), v.input.slot, g, now.wall);
+    mark_granted(v, hc, g, None, false, d);
+    open_pod(v, hc, None, true, d);
+}
+
+/// Write-order step 3, after the plan's Lease write: `c` marked Granted (its token from
+/// that write), remembered as the holder seen renewing now, the grant counted, and its
+/// first renewal (Controller) or deadline (Holder) scheduled.
+fn mark_granted(
+    v: &View<'_>,
+    c: &LockClaim,
+    g: status::Grant,
+    handoff: Option<Duration>,
+    transition: bool,
+    d: &mut Draft,
+) {
+    let now = v.now;
+    let dur = claim_duration(c);
+    d.plan.memory.seen = Some(Seen::renewed(&c.identity(), Some(now.wall), now.mono, dur));
+    d.plan.memory.acquired = Some((name(c), g.acquired));
+    let (st, msg) = status::granted(c, v.lease_name(), v.input.slot, g, now.wall);
     d.push(Step::SetStatus {
-        claim: name(hc),
+        claim: name(c),
         status: st,
         fill_token: true,
     });
-    d.note(Target::Claim(name(hc)), Reason::Granted, msg);
+    d.note(Target::Claim(name(c)), Reason::Granted, msg);
     d.plan.outcomes.push(Outcome::Granted {
-        waited: created(hc).and_then(|t| since(now.wall, t)),
-        handoff: None,
-        transition: false,
+        waited: created(c).and_then(|t| since(now.wall, t)),
+        handoff,
+        transition,
     });
-    let first_due = if hc.spec.renewal == Renewal::Holder {
+    let first_due = if c.spec.renewal == Renewal::Holder {
         dur
     } else {
         dur / 3

@@ -8,9 +8,12 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::ObjectMeta;
 
-use super::{LeaseWriteKind, Now, CLAIM_ANNOTATION, CLAIM_UID_ANNOTATION, LOCK_DELAY_ANNOTATION};
-use crate::api::{LockClaim, DEFAULT_LEASE_DURATION_SECONDS};
-use crate::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, TAKEOVER_ALLOWED, TAKEOVER_LABEL};
+use super::{LeaseWriteKind, Now};
+use crate::api::{
+    LockClaim, CLAIM_ANNOTATION, CLAIM_UID_ANNOTATION, DEFAULT_LEASE_DURATION_SECONDS,
+    LOCK_DELAY_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE, ORIGIN_ANNOTATION, TAKEOVER_ALLOWED,
+    TAKEOVER_LABEL,
+};
 
 /// `spec.holderIdentity`, unless empty.
 pub(super) fn holder(lease: Option<&Lease>) -> Option<String> {
@@ -217,7 +220,7 @@ pub fn update_patch(desired: &Lease) -> serde_json::Value {
             .and_then(|a| a.get(k))
             .cloned()
     };
-    serde_json::json!({
+    let mut patch = serde_json::json!({
         "metadata": {
             "resourceVersion": desired.metadata.resource_version,
             "annotations": {
@@ -233,7 +236,14 @@ pub fn update_patch(desired: &Lease) -> serde_json::Value {
             "leaseDurationSeconds": spec.lease_duration_seconds,
             "leaseTransitions": spec.lease_transitions,
         },
-    })
+    });
+    // No precondition is no key: a null would ask the API server to clear the field.
+    if desired.metadata.resource_version.is_none() {
+        patch["metadata"]
+            .as_object_mut()
+            .map(|m| m.remove("resourceVersion"));
+    }
+    patch
 }
 
 /// What the operator's cache keeps of a Lease: its spec, and of its metadata only what
@@ -247,6 +257,7 @@ pub fn slim(l: &mut Lease) {
                 CLAIM_ANNOTATION,
                 CLAIM_UID_ANNOTATION,
                 LOCK_DELAY_ANNOTATION,
+                ORIGIN_ANNOTATION,
             ]
             .contains(&k.as_str())
         });
@@ -292,6 +303,15 @@ mod tests {
             "a cleared field is sent as null"
         );
         assert!(p["spec"].get("preferredHolder").is_none() && p["spec"].get("strategy").is_none());
+    }
+
+    #[test]
+    fn an_update_patch_without_a_resource_version_sends_no_key() {
+        let p = update_patch(&Lease::default());
+        assert!(
+            p["metadata"].get("resourceVersion").is_none(),
+            "a null resourceVersion is refused by the API server: {p}"
+        );
     }
 
     #[test]

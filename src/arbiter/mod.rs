@@ -1,25 +1,29 @@
-//! The pure decision core.
+//! The pure decision core: state in, plan out. No client, no async and no clock read
+//! in here: time is an argument.
 //!
-//! [`decide`] takes everything known about one Lease name in one namespace (the claims
-//! that name it, the Lease as read, what this operator process remembers, and the
-//! time) and returns a [`Plan`]: the writes to make, in the order that keeps every
-//! watcher safe, the Events to publish, the new memory, and when to look again.
-//! There is no client, no async and no clock read in here: time is an argument.
+//! The entry point is [`decide`] (in `slots`): everything known about one lock (its
+//! claims, its slot Leases as read, its capacity, what this operator process
+//! remembers, the time) in, a [`LockPlan`] out: the writes to make, in the order that
+//! keeps every watcher safe, the Events, the new memory, and when to look again. A lock
+//! of capacity 1 is a single Lease; a lock of capacity N is N slot Leases, each decided
+//! by [`decide_lease`] exactly as a single Lease is, and composed by `slots`.
 //!
-//! `decide` reads as its phases, one module each: [`view`] observes, [`ends`] decides
-//! which claims end, [`free`] whether the Lease is free and who is next; then the
-//! plan's writes are laid down in the write order (docs/design.md, "Write order"):
-//! 1. claims that stop holding are marked not Granted ([`endings`]), after a fresh
-//!    read of the Lease when the verdict came from it ([`verify`]);
+//! [`decide_lease`] reads as its phases, one module each (docs/design.md, "The
+//! arbiter"): 1. [`view`] observes, 2. [`verdicts`] decides which claims end, 3. [`free`]
+//! whether the Lease is free and who is next. Then the writes, in write order
+//! (docs/design.md, "Write order", same numbers):
+//! 1. claims that stop holding are marked not Granted ([`endings`]), after a fresh read
+//!    of the Lease when the verdict came from it ([`verify`]);
 //! 2. the Lease is written, with the resourceVersion it was decided from ([`grant`]);
-//! 3. the new holder is marked Granted (its fencing token is the Lease's new
-//!    resourceVersion) ([`grant`]);
-//! 4. waiting claims get their queue positions ([`queue`]); a legacy finalizer comes
+//! 3. the new holder is marked Granted, its fencing token the Lease's new
+//!    resourceVersion ([`grant`]);
+//! 4. waiting claims get their queue positions ([`positions`]); a legacy finalizer comes
 //!    off ([`finalizers`]); finished claims and unused Leases due for garbage
 //!    collection are deleted ([`cleanup`]).
 //!
 //! A Lease the operator did not create, and whose owner has not allowed a takeover, is
-//! never written ([`view::Holding::Foreign`]).
+//! never written ([`view::Holding::Foreign`]). The model API server and the tests live
+//! in `model/`.
 
 use std::time::Duration;
 
@@ -27,56 +31,37 @@ use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
 
 use crate::api::{LockClaim, LockClaimStatus, Phase};
-use crate::FINALIZER;
+use crate::api::{CONDITION_FINISHED, FINALIZER};
 
 mod cleanup;
 mod endings;
-mod ends;
-mod failing;
 mod finalizers;
 mod free;
 mod grant;
 mod lease;
-mod lock;
-mod queue;
+pub mod pods;
+mod positions;
 mod reason;
+mod slots;
 mod status;
+mod streak;
+mod verdicts;
 mod verify;
 mod view;
 
-pub use failing::{
-    failing_status, notified, recovered_status, stalled_waiters, Notice, Streak,
-    CONDITION_RECONCILED, MAX_NOTIFIED, PERSISTENT_FAILURES,
-};
 pub use lease::{is_managed, slim as slim_lease, takeover_allowed, update_patch, writable};
-pub use lock::{decide_lock, LockInput, LockMemory, LockPlan, LockStep};
+pub use pods::{NodeView, PodView};
 pub use reason::{End, Reason};
+pub use slots::{decide, reserved_slot_name, LockInput, LockMemory, LockPlan, LockStep};
+pub use streak::{
+    failing_status, notified, recovered_status, stalled_waiters, Notice, Streak, MAX_NOTIFIED,
+    PERSISTENT_FAILURES,
+};
 pub use view::min_takeover_grace;
 
+/// The model API server and the arbiter's unit and property tests (tests only).
 #[cfg(test)]
-mod lock_tests;
-#[cfg(test)]
-mod sim;
-#[cfg(test)]
-mod sim_lock;
-#[cfg(test)]
-mod tests;
-
-#[cfg(test)]
-mod proptests;
-
-/// The condition type that turns True when a claim reaches a terminal phase; its
-/// lastTransitionTime is when the claim finished (ttlSecondsAfterFinished counts from it).
-pub const CONDITION_FINISHED: &str = "Finished";
-/// Annotation on a Lease: the name of the LockClaim the operator granted it to. The
-/// holderIdentity alone cannot tell two claims with one identity apart.
-pub const CLAIM_ANNOTATION: &str = "leasekeeper.io/claim";
-/// Annotation on a Lease: the uid of the LockClaim the operator granted it to, so that a
-/// claim deleted and created again under the same name is not taken for the holder.
-pub const CLAIM_UID_ANNOTATION: &str = "leasekeeper.io/claim-uid";
-/// Annotation on a Lease: until when (RFC 3339, operator clock) it stays unassigned
-/// after an expiry (spec.lockDelaySeconds of the expired claim).
-pub const LOCK_DELAY_ANNOTATION: &str = "leasekeeper.io/lock-delay-until";
+pub(crate) mod model;
 
 /// The time, as two clocks. `mono` decides expiry (it never jumps); `wall` is what is
 /// written into objects and compared only with times this operator wrote itself.
@@ -101,6 +86,9 @@ pub struct Config {
     /// handoffs a queue is rewritten once, not once per handoff. Every other change
     /// (first queued, next in line, moved back, another reason) is written at once.
     pub position_delay: Duration,
+    /// Whether Pods are watched: only then are claims of renewal Pod judged by their
+    /// Pods (else they are held like Controller claims, never ended for a Pod unseen).
+    pub pods: bool,
 }
 
 impl Default for Config {
@@ -109,6 +97,7 @@ impl Default for Config {
             gc_grace: Duration::from_secs(300),
             exact_positions: 10,
             position_delay: Duration::from_secs(1),
+            pods: true,
         }
     }
 }
@@ -244,6 +233,34 @@ pub enum Step {
         /// Claim name.
         claim: String,
     },
+    /// Create the claim for a Pod that asks for the lock (see [`pods`]).
+    CreateClaim {
+        /// The claim, owned by its Pod.
+        claim: Box<LockClaim>,
+    },
+    /// Open a Pod whose claim is Granted: one patch (with the Pod's resourceVersion as
+    /// precondition) writes the fencing token and the Lease into its annotations and
+    /// removes leasekeeper's scheduling gate.
+    OpenPod {
+        /// The Pod.
+        pod: String,
+        /// Its resourceVersion as read.
+        resource_version: String,
+        /// The Lease it holds.
+        lease: String,
+        /// The token, unless `fill_token` takes it from the plan's Lease write.
+        token: Option<i64>,
+        /// Take the token from the preceding Lease write.
+        fill_token: bool,
+    },
+    /// Re-read node `node`'s heartbeat Lease and stop the plan unless its
+    /// resourceVersion is still this one: put before a verdict that the node is lost.
+    VerifyNode {
+        /// The node.
+        node: String,
+        /// The heartbeat Lease's resourceVersion the verdict was drawn from.
+        resource_version: Option<String>,
+    },
     /// Publish an Event.
     Event(Note),
 }
@@ -307,6 +324,11 @@ pub struct Input<'a> {
     pub claims: &'a [&'a LockClaim],
     /// The Lease as read, if it exists.
     pub lease: Option<&'a Lease>,
+    /// Whether the Lease carries the operator's proof that it created it (checked by
+    /// the caller, who holds the key): only such a Lease is ever garbage-collected.
+    pub lease_proven: bool,
+    /// The Pods that ask for the lock (renewal `Pod` claims stand for them).
+    pub pods: &'a [PodView],
     /// What this process remembers.
     pub memory: &'a Memory,
     /// The time.
@@ -317,13 +339,13 @@ pub struct Input<'a> {
 
 /// Decides what to write for one Lease: the phases, then the writes in write order
 /// (see the module documentation).
-pub fn decide(input: &Input<'_>) -> Plan {
+pub fn decide_lease(input: &Input<'_>) -> Plan {
     let mut d = Draft::new(input);
     let v = view::View::observe(input, &mut d.plan.memory);
     d.plan.has_live_claims = !v.live.is_empty();
-    let mut ends = ends::decide(&v, &mut d);
-    let free = free::decide(&v, &ends, &mut d);
-    ends::try_locks(&v, free.next, &mut ends);
+    let mut ends = verdicts::judge(&v, &mut d);
+    let free = free::find(&v, &ends, &mut d);
+    verdicts::try_locks(&v, free.next, &mut ends);
     d.plan.free =
         free.holder_stays.is_none() && !free.outsider_alive && !free.in_lock_delay && !free.foreign;
     d.plan.holder_after = free.next.or(free.holder_stays).map(name);
@@ -331,7 +353,7 @@ pub fn decide(input: &Input<'_>) -> Plan {
     verify::before_verdicts(&v, &ends, &free, &mut d);
     endings::mark(&v, &ends, &free, &mut d);
     let granted = grant::write_lease(&v, &free, &mut d);
-    queue::positions(&v, &ends, &free, granted, &mut d);
+    positions::positions(&v, &ends, &free, granted, &mut d);
     finalizers::remove_legacy(&v, &mut d);
     cleanup::ttl(&v, &mut d);
     cleanup::gc(&v, &ends, &mut d);

@@ -40,6 +40,21 @@ pub enum Reason {
     ReconcileFailed,
     /// Reconciles of the claim's lock succeed again (condition `Reconciled=True`).
     Reconciled,
+    /// A Pod's hold ended: its node's heartbeat was not seen renewed for the claim's
+    /// leaseDurationSeconds.
+    NodeLost,
+    /// A Pod's hold ended: the Pod Succeeded or Failed.
+    PodFinished,
+    /// A Pod's hold (or wait) ended: the Pod is gone.
+    PodGone,
+    /// A Pod asks for a lock it cannot have (Event on the Pod): a bad label value or
+    /// annotation, or no scheduling gate.
+    PodNotHeld,
+    /// A Pod was opened: its gate removed, its fencing token written (Event on the Pod).
+    PodOpened,
+    /// The claim's leaseName ends -slot-<digits>, reserved for slot Leases (a claim
+    /// made before the CRD refused such names).
+    ReservedLeaseName,
 }
 
 impl Reason {
@@ -63,11 +78,22 @@ impl Reason {
             Reason::AcquireTimeout => "AcquireTimeout",
             Reason::ReconcileFailed => "ReconcileFailed",
             Reason::Reconciled => "Reconciled",
+            Reason::NodeLost => "NodeLost",
+            Reason::PodFinished => "PodFinished",
+            Reason::PodGone => "PodGone",
+            Reason::PodNotHeld => "PodNotHeld",
+            Reason::PodOpened => "PodOpened",
+            Reason::ReservedLeaseName => "ReservedLeaseName",
         }
     }
 
     /// The reasons a grant can end by expiry (metrics start them at zero).
-    pub const EXPIRIES: [Reason; 3] = [Reason::Expired, Reason::MaxHoldExceeded, Reason::LeaseLost];
+    pub const EXPIRIES: [Reason; 4] = [
+        Reason::Expired,
+        Reason::MaxHoldExceeded,
+        Reason::LeaseLost,
+        Reason::NodeLost,
+    ];
 }
 
 impl std::fmt::Display for Reason {
@@ -99,6 +125,9 @@ pub enum End {
     Rejected,
     /// Waited past spec.acquireTimeoutSeconds.
     TimedOut,
+    /// A Pod claim whose Pod is gone or finished (reason PodGone or PodFinished): a
+    /// clean end, like a release.
+    PodEnded(Reason),
 }
 
 impl End {

@@ -64,6 +64,14 @@ pub enum LockError {
     /// The claim's watch failed.
     #[error("watching the claim failed: {0}")]
     Watch(String),
+    /// The wait was cancelled (see [`LockClient::acquire_or_cancel`]); the claim was
+    /// deleted.
+    #[error("cancelled while waiting for the lock; the claim was withdrawn")]
+    Cancelled,
+    /// The claim says Granted but carries no fencing token: a token is never assumed
+    /// (0 would pass any downstream check); the claim was released.
+    #[error("the claim {0} is Granted without a fencing token; released it")]
+    NoToken(String),
 }
 
 /// Why a held lock was lost.
@@ -178,10 +186,22 @@ impl LockClient {
         lease_name: &str,
         opts: AcquireOptions,
     ) -> Result<Guard, LockError> {
+        self.acquire_or_cancel(lease_name, opts, std::future::pending())
+            .await
+    }
+
+    /// [`LockClient::acquire`], given up when `cancel` completes first: the claim is
+    /// deleted (and the deletion awaited) before [`LockError::Cancelled`] returns, so
+    /// a process that exits right after leaves nothing behind.
+    pub async fn acquire_or_cancel(
+        &self,
+        lease_name: &str,
+        opts: AcquireOptions,
+        cancel: impl std::future::Future<Output = ()>,
+    ) -> Result<Guard, LockError> {
         let claims = self.claims();
         let secs = |d: Duration| i32::try_from(d.as_secs()).unwrap_or(i32::MAX);
         let spec = LockClaimSpec {
-            lease_name: lease_name.to_string(),
             holder_identity: opts
                 .identity
                 .clone()
@@ -190,12 +210,11 @@ impl LockClient {
             priority: opts.priority,
             renewal: opts.renewal,
             lock_delay_seconds: secs(opts.lock_delay),
-            release: false,
-            max_hold_seconds: None,
             ttl_seconds_after_finished: opts
                 .keep_finished
                 .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
             acquire_timeout_seconds: opts.wait.map(ceil_secs),
+            ..LockClaimSpec::for_lease(lease_name)
         };
         let owner = if opts.owner_pod {
             match (std::env::var("POD_NAME"), std::env::var("POD_UID")) {
@@ -256,11 +275,17 @@ impl LockClient {
         };
         // The operator times the claim out (its deadline rounds up to whole seconds);
         // this is the backstop should it not answer.
-        let result = match opts.wait {
-            Some(w) => tokio::time::timeout(w + OPERATOR_TIMEOUT_MARGIN, granted)
-                .await
-                .unwrap_or(Err(LockError::TimedOut(w))),
-            None => granted.await,
+        let waited = async {
+            match opts.wait {
+                Some(w) => tokio::time::timeout(w + OPERATOR_TIMEOUT_MARGIN, granted)
+                    .await
+                    .unwrap_or(Err(LockError::TimedOut(w))),
+                None => granted.await,
+            }
+        };
+        let result = tokio::select! {
+            r = waited => r,
+            () = cancel => Err(LockError::Cancelled),
         };
         cleanup.disarm();
         let c = match result {
@@ -279,11 +304,10 @@ impl LockClient {
             }
         };
         let identity = c.identity();
-        let token = c
-            .status
-            .as_ref()
-            .and_then(|s| s.fencing_token)
-            .unwrap_or_default();
+        let Some(token) = c.status.as_ref().and_then(|s| s.fencing_token) else {
+            let _ = claims.delete(&name, &DeleteParams::default()).await;
+            return Err(LockError::NoToken(name));
+        };
         // For a lock with capacity the grant is one of its slot Leases: renew that one.
         let held = c
             .status
@@ -459,6 +483,21 @@ impl Guard {
     /// the same Lease name. Pass it to downstream systems.
     pub fn fencing_token(&self) -> i64 {
         self.token
+    }
+
+    /// Stamps `obj` for a write under this grant: the annotation
+    /// `leasekeeper.io/fencing-token` with this grant's token. Write it with any client;
+    /// if the object is guarded (label `leasekeeper.io/fenced-by`, with the policy of
+    /// `kubectl lock fence` or the chart's `fencing.resources`), the API server refuses
+    /// the write once a later holder has written the object with a higher token.
+    pub fn fence<K: kube::Resource>(&self, obj: &mut K) {
+        obj.meta_mut()
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(
+                crate::api::FENCING_TOKEN_ANNOTATION.to_string(),
+                self.token.to_string(),
+            );
     }
 
     /// The identity written to the Lease.

@@ -1,69 +1,52 @@
 //! Without the `chaos-negative-controls` feature every fault hook is a no-op (see
 //! `chaos.rs` for what each does in the chaos build).
 
-use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::{Api, Client};
+use kube::Api;
 
-use super::{RunConfig, RunError};
+use super::LeaseKey;
 use crate::api::LockClaim;
-use crate::arbiter::Step;
-use crate::leader::{ElectionConfig, Term};
-use crate::telemetry::{Metrics, Readiness};
+use crate::arbiter::LockPlan;
+use crate::telemetry::WriteKind;
 
-#[inline(always)]
-pub(super) fn arm() {}
-
-#[inline(always)]
-pub(super) async fn lease_watch_point() {}
-
-#[inline(always)]
-pub(super) async fn without_leadership(
-    _: &Client,
-    _: &RunConfig,
-    _: &Arc<Metrics>,
-    _: &Arc<Readiness>,
-    _: &ElectionConfig,
-) -> Option<Result<(), RunError>> {
-    None
+/// Nothing is sabotaged.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Controls {
+    pub ignore_leadership: bool,
+    pub release_before_drain: bool,
+    pub work_on_after_loss: bool,
 }
 
 #[inline(always)]
-pub(super) fn inputs(
-    claims: Vec<Arc<LockClaim>>,
-    lease: Option<Arc<Lease>>,
-) -> (Vec<Arc<LockClaim>>, Option<Arc<Lease>>) {
-    (claims, lease)
+pub(super) fn controls() -> Controls {
+    Controls::default()
 }
 
 #[inline(always)]
-pub(super) fn steps<'a>(steps: &'a [Step], _: Option<&Lease>) -> Cow<'a, [Step]> {
-    Cow::Borrowed(steps)
+pub(super) fn arbiter(
+    _: &LeaseKey,
+    claims: &mut [Arc<LockClaim>],
+    leases: &mut BTreeMap<u32, Arc<Lease>>,
+    decide: impl FnOnce(&[Arc<LockClaim>], &BTreeMap<u32, Arc<Lease>>) -> Option<LockPlan>,
+) -> Option<LockPlan> {
+    decide(claims, leases)
 }
 
 #[inline(always)]
-pub(super) fn skips_lease_check() -> bool {
-    false
-}
-
-#[inline(always)]
-pub(super) async fn write_lease(
+pub(super) async fn create_over_existing(
     _: &Api<Lease>,
-    _: &str,
     _: &Lease,
 ) -> Option<Result<Lease, kube::Error>> {
     None
 }
 
 #[inline(always)]
-pub(super) fn releases_before_draining() -> bool {
+pub(super) fn ignores_term() -> bool {
     false
 }
 
 #[inline(always)]
-pub(super) async fn keep_working_after_release(_: &Term) {}
-
-#[inline(always)]
-pub(super) fn wrote(_: Option<&str>, _: &str, _: Option<&str>) {}
+pub(super) fn wrote(_: Option<&str>, _: WriteKind, _: &str, _: Option<&str>) {}

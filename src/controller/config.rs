@@ -56,6 +56,25 @@ pub struct RunConfig {
     /// Namespace of the leadership Lease (default: the Pod's namespace, else "default").
     #[arg(long, env = "POD_NAMESPACE")]
     pub leader_namespace: Option<String>,
+    /// The Secret (in the leadership Lease's namespace) holding the key of the proofs
+    /// that the operator created a Lease; made at start if absent. Garbage collection
+    /// deletes only Leases whose proof checks out.
+    #[arg(
+        long,
+        env = "LEASEKEEPER_PROOF_KEY_SECRET",
+        default_value = "leasekeeper-proof-key"
+    )]
+    pub proof_key_secret: String,
+    /// Watch Pods labelled leasekeeper.io/lock and hold locks for them (claims of
+    /// renewal Pod; needs get, list, watch and patch on Pods). false: the operator never
+    /// touches Pods.
+    #[arg(long, env = "LEASEKEEPER_PODS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pods: bool,
+    /// Keep an EndpointSlice listing the holder Pod(s) for each Service without a
+    /// selector annotated leasekeeper.io/route-to-holder: LOCK (needs Services get, list,
+    /// watch; EndpointSlices get, list, watch, create, update, delete; Pods get).
+    #[arg(long, env = "LEASEKEEPER_ROUTES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub routes: bool,
     /// Name of the leadership Lease.
     #[arg(long, default_value = "leasekeeper-leader")]
     pub leader_lease_name: String,

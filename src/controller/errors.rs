@@ -3,8 +3,14 @@
 
 use std::time::Duration;
 
-/// A failed reconcile step. Variants double as stable reasons for metrics and Events.
-#[derive(Debug, thiserror::Error)]
+/// A failed reconcile step. Variants double as stable reasons for metrics and Events:
+/// [`ErrorReason`], derived from the variants, names each one.
+#[derive(Debug, thiserror::Error, strum::EnumDiscriminants)]
+#[strum_discriminants(
+    name(ErrorReason),
+    derive(strum::EnumIter, strum::IntoStaticStr),
+    doc = "The reason of each [`Error`] variant: its name, a metric label and Event reason."
+)]
 pub enum Error {
     /// An object changed (or vanished) since it was read: re-read and re-decide.
     #[error("{what} changed since it was read")]
@@ -57,7 +63,27 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
-    /// Deleting a finished claim failed.
+    /// Creating a Pod's claim failed.
+    #[error("cannot create LockClaim {claim}: {source}")]
+    ClaimCreateFailed {
+        /// Claim name.
+        claim: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Opening a Pod granted its lock failed.
+    #[error(
+        "cannot open Pod {pod} (remove its scheduling gate, write its fencing token): {source}"
+    )]
+    PodOpenFailed {
+        /// Pod name.
+        pod: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Deleting a claim failed.
     #[error("cannot delete LockClaim {claim}: {source}")]
     ClaimDeleteFailed {
         /// Claim name.
@@ -79,7 +105,7 @@ pub enum Error {
     },
     /// The reconcile of Lease `lease` panicked: contained, counted, retried with backoff.
     #[error("the reconcile of Lease {lease} panicked")]
-    Panicked {
+    Panic {
         /// Lease name.
         lease: String,
     },
@@ -94,33 +120,13 @@ pub enum Error {
 
 impl Error {
     /// Every reason [`Error::reason`] can return (metrics start them at zero).
-    pub const REASONS: [&'static str; 10] = [
-        "Conflict",
-        "LeaseReadFailed",
-        "LeaseWriteFailed",
-        "LeaseDeleteFailed",
-        "ClaimStatusFailed",
-        "FinalizerFailed",
-        "ClaimDeleteFailed",
-        "TermEnded",
-        "Panic",
-        "UnwatchedLease",
-    ];
+    pub fn reasons() -> impl Iterator<Item = &'static str> {
+        <ErrorReason as strum::IntoEnumIterator>::iter().map(<&'static str>::from)
+    }
 
     /// A stable PascalCase reason for metric labels and Events.
     pub fn reason(&self) -> &'static str {
-        match self {
-            Error::Conflict { .. } => "Conflict",
-            Error::LeaseReadFailed { .. } => "LeaseReadFailed",
-            Error::LeaseWriteFailed { .. } => "LeaseWriteFailed",
-            Error::LeaseDeleteFailed { .. } => "LeaseDeleteFailed",
-            Error::ClaimStatusFailed { .. } => "ClaimStatusFailed",
-            Error::FinalizerFailed { .. } => "FinalizerFailed",
-            Error::ClaimDeleteFailed { .. } => "ClaimDeleteFailed",
-            Error::TermEnded { .. } => "TermEnded",
-            Error::Panicked { .. } => "Panic",
-            Error::UnwatchedLease { .. } => "UnwatchedLease",
-        }
+        ErrorReason::from(self).into()
     }
 
     /// The error for people (conditions, Events): as displayed, except that an API
@@ -178,4 +184,7 @@ pub enum RunError {
     /// This replica lost leadership: it stopped writing and exits so it restarts clean.
     #[error("lost leadership; exiting so that this replica restarts clean")]
     LeadershipLost,
+    /// The key that proves which Leases the operator created is not to be had.
+    #[error(transparent)]
+    ProofKey(#[from] super::proof::ProofKeyError),
 }

@@ -9,9 +9,10 @@ use std::sync::Arc;
 
 use governor::{Quota, RateLimiter};
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::Client;
+use kube::runtime::events::{Event, EventType, Reporter};
 use tokio::sync::mpsc;
+
+use super::writer::Writer;
 
 use crate::arbiter::Note;
 use crate::telemetry::Metrics;
@@ -26,7 +27,7 @@ pub struct EventSink {
 impl EventSink {
     /// Starts the publishing task.
     pub fn start(
-        client: Client,
+        writer: Writer,
         reporter: Reporter,
         metrics: Arc<Metrics>,
         qps: u32,
@@ -34,7 +35,7 @@ impl EventSink {
     ) -> EventSink {
         let capacity = usize::try_from(burst.max(1)).unwrap_or(1024) * 4;
         let (tx, rx) = mpsc::channel(capacity);
-        tokio::spawn(publish_all(client, reporter, rx, qps, burst));
+        tokio::spawn(publish_all(writer, reporter, rx, qps, burst));
         EventSink { tx, metrics }
     }
 
@@ -47,7 +48,7 @@ impl EventSink {
 }
 
 async fn publish_all(
-    client: Client,
+    writer: Writer,
     reporter: Reporter,
     mut rx: mpsc::Receiver<(Note, ObjectReference)>,
     qps: u32,
@@ -58,7 +59,7 @@ async fn publish_all(
     let limiter = RateLimiter::direct(Quota::per_second(qps).allow_burst(burst));
     while let Some((note, reference)) = rx.recv().await {
         limiter.until_ready().await;
-        publish(&client, &reporter, &note, &reference).await;
+        publish(&writer, &reporter, &note, &reference).await;
     }
 }
 
@@ -74,8 +75,9 @@ fn fit(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// Publishes one Event; a failure is logged, never fatal.
-async fn publish(client: &Client, reporter: &Reporter, note: &Note, reference: &ObjectReference) {
+/// Publishes one Event (through the writer: only within the leadership term); a
+/// failure is logged, never fatal.
+async fn publish(writer: &Writer, reporter: &Reporter, note: &Note, reference: &ObjectReference) {
     let ev = Event {
         type_: if note.warning {
             EventType::Warning
@@ -87,12 +89,7 @@ async fn publish(client: &Client, reporter: &Reporter, note: &Note, reference: &
         action: "Arbitrate".into(),
         secondary: None,
     };
-    // A fresh Recorder per Event: kube's Recorder keeps every Event it published for six
-    // minutes (to count repeats of the same Event) and scans that cache on each publish.
-    // Ours never repeat (each marks one transition of one claim), so the cache would only
-    // hold tens of thousands of Events under load, and cost a scan per publish.
-    let recorder = Recorder::new(client.clone(), reporter.clone());
-    if let Err(e) = recorder.publish(&ev, reference).await {
+    if let Err(e) = writer.event(reporter, &ev, reference).await {
         tracing::debug!(error = %e, reason = note.reason.as_str(), "cannot publish Event");
     }
 }

@@ -7,26 +7,35 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use super::{chaos, Context, Error, LeaseKey};
-use crate::api::{slot_lease, LockClaim, LockClaimStatus};
-use crate::arbiter::{LeaseWriteKind, LockPlan, LockStep, Note, Step, Target};
+use super::pod_watch::{pod_ref, NODE_LEASE_NAMESPACE};
+use super::writer::WriteError;
+use super::{Context, Error, LeaseKey};
+use crate::api::{
+    slot_lease, LockClaim, LockClaimStatus, FENCING_TOKEN_ANNOTATION, FINALIZER, ORIGIN_ANNOTATION,
+    POD_GATE, POD_LEASE_ANNOTATION,
+};
+use crate::arbiter::{
+    pods, LeaseWriteKind, LockPlan, LockStep, Note, PodView, Reason, Step, Target,
+};
 use crate::telemetry::WriteKind;
-use crate::{FINALIZER, MANAGER};
 
-fn is_status(e: &kube::Error, code: u16) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == code)
-}
-
-/// 409 (stale resourceVersion) and 404 (gone) both mean: re-read and re-decide.
-fn classify(e: kube::Error, what: String, other: impl FnOnce(kube::Error) -> Error) -> Error {
-    if is_status(&e, 409) || is_status(&e, 404) {
-        Error::Conflict { what }
-    } else {
-        other(e)
+/// 409 (stale resourceVersion) and 404 (gone) both mean: re-read and re-decide; a term
+/// that ended drops the rest of the plan.
+fn classify(
+    e: WriteError,
+    key: &LeaseKey,
+    what: String,
+    other: impl FnOnce(kube::Error) -> Error,
+) -> Error {
+    match e {
+        WriteError::TermEnded => Error::TermEnded {
+            lease: key.name.clone(),
+        },
+        e if e.is_status(409) || e.is_status(404) => Error::Conflict { what },
+        WriteError::Api(e) => other(e),
     }
 }
 
@@ -68,51 +77,22 @@ pub async fn execute(
     plan: &LockPlan,
     claims: &[Arc<LockClaim>],
     leases: &BTreeMap<u32, Arc<Lease>>,
+    pods: &[PodView],
 ) -> Result<Written, Error> {
-    let mut x = Executor::new(ctx, key, claims, leases);
-    for step in sabotaged(&plan.steps, leases) {
-        // A write decided as leader is made only while the term lasts: a leader that
-        // froze mid-plan and woke past its term stops here (reads and Events go on).
-        let ended = || Error::TermEnded {
-            lease: key.name.clone(),
-        };
-        if is_write(&step.step) && !ctx.term.is_current() {
-            return Err(ended());
-        }
-        // Nor may a write wait past the term for the API server and land after it.
-        ctx.term.within(x.step(&step)).await.ok_or_else(ended)??;
+    let mut x = Executor::new(ctx, key, claims, leases, pods);
+    for step in &plan.steps {
+        // Every write goes through the writer, which refuses it once the leadership
+        // term has ended: a leader that froze mid-plan and woke past its term stops at
+        // its next write (docs/design.md, "Leadership and the term").
+        x.step(step).await?;
     }
     Ok(x.written)
-}
-
-/// The steps as the chaos build's `grant-before-lease` control reorders them, one
-/// slot's run of steps at a time (unchanged in the product build).
-fn sabotaged(steps: &[LockStep], leases: &BTreeMap<u32, Arc<Lease>>) -> Vec<LockStep> {
-    let mut out = Vec::with_capacity(steps.len());
-    for run in steps.chunk_by(|a, b| a.slot == b.slot) {
-        let slot = run[0].slot;
-        let plain: Vec<Step> = run.iter().map(|s| s.step.clone()).collect();
-        let lease = leases.get(&slot).map(|l| l.as_ref());
-        out.extend(
-            chaos::steps(&plain, lease)
-                .iter()
-                .cloned()
-                .map(|step| LockStep { slot, step }),
-        );
-    }
-    out
-}
-
-/// Whether a step writes an object (Events are best effort and not arbitration state).
-fn is_write(step: &Step) -> bool {
-    !matches!(step, Step::VerifyLease { .. } | Step::Event(_))
 }
 
 /// The state of one plan's execution: the preconditions each next write carries.
 struct Executor<'a> {
     ctx: &'a Context,
     key: &'a LeaseKey,
-    claim_api: Api<LockClaim>,
     lease_api: Api<Lease>,
     by_name: HashMap<String, &'a LockClaim>,
     /// Each claim's resourceVersion as last read or written.
@@ -122,6 +102,8 @@ struct Executor<'a> {
     leases: BTreeMap<u32, Lease>,
     /// The resourceVersion our last Lease write returned: the next grant's token.
     lease_token: Option<i64>,
+    /// The Pods that ask for the lock.
+    pods: &'a [PodView],
     written: Written,
 }
 
@@ -131,11 +113,11 @@ impl<'a> Executor<'a> {
         key: &'a LeaseKey,
         claims: &'a [Arc<LockClaim>],
         leases: &BTreeMap<u32, Arc<Lease>>,
+        pods: &'a [PodView],
     ) -> Executor<'a> {
         Executor {
             ctx,
             key,
-            claim_api: Api::namespaced(ctx.client.clone(), &key.namespace),
             lease_api: Api::namespaced(ctx.client.clone(), &key.namespace),
             by_name: claims.iter().map(|c| (c.name_any(), c.as_ref())).collect(),
             rvs: claims
@@ -148,6 +130,7 @@ impl<'a> Executor<'a> {
                 .collect(),
             leases: leases.iter().map(|(s, l)| (*s, (**l).clone())).collect(),
             lease_token: None,
+            pods,
             written: Written::default(),
         }
     }
@@ -155,7 +138,6 @@ impl<'a> Executor<'a> {
     async fn step(&mut self, s: &LockStep) -> Result<(), Error> {
         let slot = s.slot;
         match &s.step {
-            Step::VerifyLease { .. } if chaos::skips_lease_check() => Ok(()),
             Step::VerifyLease { resource_version } => {
                 self.verify_lease(slot, resource_version).await
             }
@@ -171,6 +153,25 @@ impl<'a> Executor<'a> {
                 self.delete_lease(slot, resource_version).await
             }
             Step::DeleteClaim { claim } => self.delete_claim(claim).await,
+            Step::CreateClaim { claim } => self.create_claim(claim).await,
+            Step::OpenPod {
+                pod,
+                resource_version,
+                lease,
+                token,
+                fill_token,
+            } => {
+                let token = if *fill_token {
+                    self.lease_token
+                } else {
+                    *token
+                };
+                self.open_pod(pod, resource_version, lease, token).await
+            }
+            Step::VerifyNode {
+                node,
+                resource_version,
+            } => self.verify_node(node, resource_version).await,
             Step::Event(note) => {
                 self.event(slot, note);
                 Ok(())
@@ -220,17 +221,17 @@ impl<'a> Executor<'a> {
             "finalizers": f,
         }});
         let res = self
-            .claim_api
-            .patch(claim, &PatchParams::default(), &Patch::Merge(&patch))
+            .ctx
+            .writer
+            .claim_metadata(&self.key.namespace, claim, &patch)
             .await;
-        self.ctx.metrics.write(WriteKind::ClaimFinalizer);
         match res {
             Ok(obj) => {
                 self.note_claim(claim, obj.resource_version());
                 self.finalizers.insert(claim.to_string(), f);
                 Ok(())
             }
-            Err(e) => match classify(e, format!("LockClaim {claim}"), |source| {
+            Err(e) => match classify(e, self.key, format!("LockClaim {claim}"), |source| {
                 Error::FinalizerFailed {
                     claim: claim.to_string(),
                     source,
@@ -253,29 +254,20 @@ impl<'a> Executor<'a> {
         if fill_token {
             status.fencing_token = self.lease_token;
         }
-        let body = json!({
-            "apiVersion": "leasekeeper.io/v1alpha1",
-            "kind": "LockClaim",
-            "metadata": {"name": claim, "resourceVersion": self.rvs.get(claim)},
-            "status": status,
-        });
+        let rv = self.rvs.get(claim).map(String::as_str);
         let obj = self
-            .claim_api
-            .patch_status(
-                claim,
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(&body),
-            )
+            .ctx
+            .writer
+            .claim_status(&self.key.namespace, claim, rv, &status)
             .await
             .map_err(|e| {
-                classify(e, format!("LockClaim {claim}"), |source| {
+                classify(e, self.key, format!("LockClaim {claim}"), |source| {
                     Error::ClaimStatusFailed {
                         claim: claim.to_string(),
                         source,
                     }
                 })
             })?;
-        self.ctx.metrics.write(WriteKind::ClaimStatus);
         self.note_claim(claim, obj.resource_version());
         Ok(())
     }
@@ -286,41 +278,41 @@ impl<'a> Executor<'a> {
         kind: LeaseWriteKind,
         lease: &Lease,
     ) -> Result<(), Error> {
-        let pp = PostParams::default();
         let name = self.lease_name(slot);
-        let result = match chaos::write_lease(&self.lease_api, &name, lease).await {
-            Some(sabotaged) => sabotaged,
-            None if kind == LeaseWriteKind::Create => self.lease_api.create(&pp, lease).await,
+        let (w, ns) = (&self.ctx.writer, self.key.namespace.as_str());
+        let result = match write_kind(kind) {
+            WriteKind::LeaseCreate => w.create_lease(ns, lease).await,
             // A merge patch of only what the operator owns, with the resourceVersion as
             // precondition: the cache dropped others' labels and annotations, so a
             // whole-object replace would write them away.
-            None => {
+            other => {
                 let patch = crate::arbiter::update_patch(lease);
-                self.lease_api
-                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
+                w.patch_lease(other, ns, &name, &patch).await
             }
         };
         if kind == LeaseWriteKind::Create {
             if let Err(e) = &result {
-                if is_status(e, 409) {
+                if e.is_status(409) {
                     return Err(self.existing_lease(slot).await);
                 }
             }
         }
-        let obj = result.map_err(|e| {
-            classify(e, self.lease_conflict(slot), |source| {
-                Error::LeaseWriteFailed { name, source }
+        let mut obj = result.map_err(|e| {
+            classify(e, self.key, self.lease_conflict(slot), |source| {
+                Error::LeaseWriteFailed {
+                    name: name.clone(),
+                    source,
+                }
             })
         })?;
-        self.ctx.metrics.write(match kind {
-            LeaseWriteKind::Create => WriteKind::LeaseCreate,
-            LeaseWriteKind::Grant => WriteKind::LeaseGrant,
-            LeaseWriteKind::Renew => WriteKind::LeaseRenew,
-            LeaseWriteKind::Clear => WriteKind::LeaseClear,
-        });
+        if kind == LeaseWriteKind::Create {
+            obj = self.stamp_origin(&name, &obj).await.map_err(|e| {
+                classify(e, self.key, self.lease_conflict(slot), |source| {
+                    Error::LeaseWriteFailed { name, source }
+                })
+            })?;
+        }
         let rv = obj.resource_version();
-        self.wrote(rv.as_deref());
         self.lease_token = rv.as_ref().and_then(|v| v.parse().ok());
         if let Some(n) = parse_rv(rv.as_ref()) {
             self.written.leases.insert(slot, LeaseWrite::Written(n));
@@ -330,6 +322,24 @@ impl<'a> Executor<'a> {
         }
         self.leases.insert(slot, obj);
         Ok(())
+    }
+
+    /// Right after creating a Lease, its proof of creation (an HMAC of its uid, which
+    /// only the create's answer tells): garbage collection deletes nothing without it.
+    /// The grant's token is this write's resourceVersion, the Lease write just before
+    /// the Granted status. An operator that dies in between leaves a Lease that is never
+    /// collected (docs/operations.md says so): never one collected that it did not make.
+    async fn stamp_origin(&self, name: &str, created: &Lease) -> Result<Lease, WriteError> {
+        let proof = self.ctx.proof.proof(&created.uid().unwrap_or_default());
+        let patch = json!({"metadata": {
+            "resourceVersion": created.resource_version(),
+            "annotations": {ORIGIN_ANNOTATION: proof},
+        }});
+        let ns = self.key.namespace.as_str();
+        self.ctx
+            .writer
+            .patch_lease(WriteKind::LeaseProof, ns, name, &patch)
+            .await
     }
 
     /// The create found a Lease the watches do not show (only Leases with our label or
@@ -350,33 +360,41 @@ impl<'a> Executor<'a> {
     }
 
     async fn delete_lease(&mut self, slot: u32, resource_version: &str) -> Result<(), Error> {
-        let dp = precondition(Some(resource_version.to_string()));
         let name = self.lease_name(slot);
-        self.lease_api.delete(&name, &dp).await.map_err(|e| {
-            classify(e, self.lease_conflict(slot), |source| {
+        let deleted = self
+            .ctx
+            .writer
+            .delete_lease(&self.key.namespace, &name, resource_version)
+            .await;
+        deleted.map_err(|e| {
+            classify(e, self.key, self.lease_conflict(slot), |source| {
                 Error::LeaseDeleteFailed { name, source }
             })
         })?;
-        self.ctx.metrics.write(WriteKind::LeaseDelete);
         // The Lease stays known here: an Event about its deletion still refers to it.
         self.written.leases.insert(slot, LeaseWrite::Deleted);
         Ok(())
     }
 
     async fn delete_claim(&mut self, claim: &str) -> Result<(), Error> {
-        let dp = precondition(self.rvs.get(claim).cloned());
-        match self.claim_api.delete(claim, &dp).await {
-            Ok(_) => {
-                self.ctx.metrics.write(WriteKind::ClaimDelete);
-                Ok(())
-            }
-            Err(e) if is_status(&e, 404) => Ok(()),
-            Err(e) => Err(classify(e, format!("LockClaim {claim}"), |source| {
-                Error::ClaimDeleteFailed {
+        let rv = self.rvs.get(claim).cloned();
+        match self
+            .ctx
+            .writer
+            .delete_claim(&self.key.namespace, claim, rv)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_status(404) => Ok(()),
+            Err(e) => Err(classify(
+                e,
+                self.key,
+                format!("LockClaim {claim}"),
+                |source| Error::ClaimDeleteFailed {
                     claim: claim.to_string(),
                     source,
-                }
-            })),
+                },
+            )),
         }
     }
 
@@ -388,19 +406,118 @@ impl<'a> Executor<'a> {
         if let Some(reference) = reference {
             self.ctx.events.send(note, reference);
         }
+        // A Pod's claim: the Pod is told too.
+        if let Target::Claim(n) = &note.target {
+            let claim = self.by_name.get(n);
+            let pod = claim.and_then(|c| pods::pod_of(self.pods, c, &c.spec.lease_name));
+            if let Some(p) = pod {
+                self.ctx.events.send(note, pod_ref(&self.key.namespace, p));
+            }
+        }
     }
 
-    /// A write landed, producing resourceVersion `rv` (the chaos build logs it).
-    fn wrote(&self, rv: Option<&str>) {
-        chaos::wrote(
-            self.ctx.reporter.instance.as_deref(),
-            &self.key.namespace,
-            rv,
-        );
+    /// Creates a Pod's claim; one that exists already (made by an earlier plan whose
+    /// answer was lost) is fine: the watch shows it.
+    async fn create_claim(&mut self, claim: &LockClaim) -> Result<(), Error> {
+        let name = claim.name_any();
+        match self
+            .ctx
+            .writer
+            .create_claim(&self.key.namespace, claim)
+            .await
+        {
+            Ok(c) => {
+                self.note_claim(&name, c.resource_version());
+                Ok(())
+            }
+            Err(e) if e.is_status(409) => Ok(()),
+            Err(e) => Err(classify(
+                e,
+                self.key,
+                format!("LockClaim {name}"),
+                |source| Error::ClaimCreateFailed {
+                    claim: name.clone(),
+                    source,
+                },
+            )),
+        }
+    }
+
+    /// Opens Pod `pod` granted Lease `lease` with fencing token `token`: one strategic
+    /// merge patch with the Pod's resourceVersion as precondition writes the token and
+    /// the Lease into its annotations and removes leasekeeper's scheduling gate.
+    async fn open_pod(
+        &mut self,
+        pod: &str,
+        resource_version: &str,
+        lease: &str,
+        token: Option<i64>,
+    ) -> Result<(), Error> {
+        let Some(token) = token else {
+            // Never open a Pod without a token: the next reconcile completes it.
+            return Err(Error::Conflict {
+                what: format!("Pod {pod} (no fencing token yet)"),
+            });
+        };
+        let patch = json!({
+            "metadata": {
+                "resourceVersion": resource_version,
+                "annotations": {
+                    FENCING_TOKEN_ANNOTATION: token.to_string(),
+                    POD_LEASE_ANNOTATION: lease,
+                },
+            },
+            "spec": {"schedulingGates": [{"name": POD_GATE, "$patch": "delete"}]},
+        });
+        let opened = self
+            .ctx
+            .writer
+            .patch_pod(&self.key.namespace, pod, &patch)
+            .await
+            .map_err(|e| {
+                classify(e, self.key, format!("Pod {pod}"), |source| {
+                    Error::PodOpenFailed {
+                        pod: pod.to_string(),
+                        source,
+                    }
+                })
+            })?;
+        let note = Note {
+            target: Target::Lease,
+            warning: false,
+            reason: Reason::PodOpened,
+            message: format!(
+                "granted Lease {lease} (fencing token {token}); scheduling gate {POD_GATE} removed"
+            ),
+        };
+        self.ctx.events.send(&note, opened.object_ref(&()));
+        Ok(())
+    }
+
+    /// A quorum read of node `node`'s heartbeat Lease: the plan goes on only if it is
+    /// as the verdict was drawn from.
+    async fn verify_node(
+        &self,
+        node: &str,
+        resource_version: &Option<String>,
+    ) -> Result<(), Error> {
+        let api: Api<Lease> = Api::namespaced(self.ctx.client.clone(), NODE_LEASE_NAMESPACE);
+        let fresh = api
+            .get_opt(node)
+            .await
+            .map_err(|source| Error::LeaseReadFailed {
+                name: format!("{NODE_LEASE_NAMESPACE}/{node}"),
+                source,
+            })?;
+        if &fresh.as_ref().and_then(|l| l.resource_version()) != resource_version {
+            return Err(Error::Conflict {
+                what: format!("the heartbeat of node {node}"),
+            });
+        }
+        Ok(())
     }
 
     fn note_claim(&mut self, claim: &str, rv: Option<String>) {
-        self.wrote(rv.as_deref());
         if let Some(rv) = rv {
             if let Ok(n) = rv.parse() {
                 self.written.claims.insert(claim.to_string(), n);
@@ -410,12 +527,12 @@ impl<'a> Executor<'a> {
     }
 }
 
-fn precondition(resource_version: Option<String>) -> DeleteParams {
-    DeleteParams {
-        preconditions: Some(Preconditions {
-            resource_version,
-            uid: None,
-        }),
-        ..DeleteParams::default()
+/// The counted kind of a Lease write.
+fn write_kind(kind: LeaseWriteKind) -> WriteKind {
+    match kind {
+        LeaseWriteKind::Create => WriteKind::LeaseCreate,
+        LeaseWriteKind::Grant => WriteKind::LeaseGrant,
+        LeaseWriteKind::Renew => WriteKind::LeaseRenew,
+        LeaseWriteKind::Clear => WriteKind::LeaseClear,
     }
 }

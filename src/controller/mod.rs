@@ -1,28 +1,39 @@
-//! kube-runtime wiring around the pure [`crate::arbiter`], by concern:
+//! kube-runtime wiring around the pure [`crate::arbiter`], by concern. A key (one lock
+//! in one namespace) goes: `watches` -> [`workqueue`] -> `worker` -> `reconcile` (read
+//! the caches, ask the arbiter) -> `execute` (the plan's steps in order) -> `writer`.
 //! - [`config`]: the flags of `leasekeeper run`;
 //! - `run`: leadership, the watches and the dispatcher, shutdown;
 //! - `watches`: what each watch event changes;
-//! - `reconcile`: one Lease key read, decided and remembered;
+//! - [`workqueue`]: the per-lock work queue, fair across namespaces; `worker` serves it;
+//! - `reconcile`: one lock read, decided and remembered; `foreign` the Leases the
+//!   watches do not show;
 //! - `execute`: a plan's steps performed in order, each with its precondition;
+//! - `writer`: the one doorway for every API write (term, count, record);
+//! - `lock_status`, `failure_notice`, `events`: the Lock's status, the Reconciled
+//!   condition, Events (all through the writer);
 //! - `errors`: what can fail;
-//! - [`queue`]: the per-Lease work queue;
-//! - `chaos`: the fault hooks of the chaos run, compiled only with the
-//!   `chaos-negative-controls` feature (no-ops otherwise).
+//! - `chaos`: the fault hooks of the chaos run at two seams (the writer and the
+//!   arbiter's input), compiled only with the `chaos-negative-controls` feature (no-ops
+//!   otherwise).
 //!
-//! docs/design.md explains why a per-Lease work queue rather than kube's `Controller`.
+//! docs/design.md explains why a per-lock work queue rather than kube's `Controller`.
 
 pub mod config;
 mod errors;
 mod events;
 mod execute;
-mod failing;
+mod failure_notice;
 mod foreign;
-mod locks;
-pub mod queue;
+mod lock_status;
+mod pod_watch;
+mod proof;
 mod reconcile;
+mod routes;
 mod run;
 mod watches;
 mod worker;
+pub mod workqueue;
+mod writer;
 
 #[cfg(feature = "chaos-negative-controls")]
 mod chaos;
@@ -42,13 +53,13 @@ use tokio::time::Instant;
 
 pub use config::RunConfig;
 pub use errors::{Error, RunError};
+pub use proof::{ProofKey, ProofKeyError};
 pub use run::{controller, controller_until, run, shutdown_signal, wait_for_crd};
 
 use crate::api::{Lock, LockClaim};
 use crate::arbiter::{self, LockMemory};
-use crate::leader::Term;
 use crate::telemetry::Metrics;
-use queue::WorkQueue;
+use workqueue::WorkQueue;
 
 /// The key of one arbitration: a Lease name in a namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -59,7 +70,7 @@ pub struct LeaseKey {
     pub name: String,
 }
 
-impl queue::Grouped for LeaseKey {
+impl workqueue::Grouped for LeaseKey {
     type Group = String;
     fn group(&self) -> String {
         self.namespace.clone()
@@ -122,8 +133,20 @@ pub struct Context {
     invalid: Mutex<HashSet<(String, String, String)>>,
     config: arbiter::Config,
     origin: Instant,
-    /// The leadership term writes are made under.
-    term: Term,
+    /// Every write goes through it (the term, the count, the record).
+    writer: writer::Writer,
+    /// The key of the proofs that the operator created a Lease (garbage collection).
+    proof: proof::ProofKey,
+    /// Pods labelled leasekeeper.io/lock (None: Pods are not watched, --pods=false).
+    pods: Option<Store<k8s_openapi::api::core::v1::Pod>>,
+    /// The node heartbeats Pod holds live by.
+    heartbeats: pod_watch::Heartbeats,
+    /// Pods told (once) why they cannot hold a lock: (uid, why).
+    pod_warned: Mutex<HashSet<(String, String)>>,
+    /// Services (slim), for routes to holders (None: --routes=false).
+    services: Option<Store<k8s_openapi::api::core::v1::Service>>,
+    /// leasekeeper's EndpointSlices.
+    slices: Option<Store<k8s_openapi::api::discovery::v1::EndpointSlice>>,
 }
 
 impl Context {

@@ -1,7 +1,7 @@
 //! One reconcile of one Lease key: read the caches, decide (the arbiter), execute the
 //! plan, remember; with backoff after failures.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,9 +11,12 @@ use kube::ResourceExt;
 use tokio::time::Instant;
 
 use super::execute::{self, LeaseWrite, Written};
-use super::{chaos, failing, foreign, locks, Context, Error, KeyState, LeaseKey};
+use super::{
+    chaos, failure_notice, foreign, lock_status, pod_watch, routes, Context, Error, KeyState,
+    LeaseKey,
+};
 use crate::api::{slot_lease, Lock, LockClaim, MAX_CAPACITY, MIN_CAPACITY};
-use crate::arbiter::{self, LockMemory, LockPlan, Outcome};
+use crate::arbiter::{self, LockMemory, LockPlan, Outcome, PodView};
 use crate::telemetry::{NamespaceLabel, ReasonLabel};
 use prometheus_client::metrics::{family::Family, gauge::Gauge};
 
@@ -33,7 +36,7 @@ pub(super) async fn reconcile_key(ctx: &Arc<Context>, key: &LeaseKey) {
             if let Some(s) = ctx.keys().get_mut(key) {
                 s.failures = 0;
             }
-            failing::succeeded(ctx, key).await;
+            failure_notice::succeeded(ctx, key).await;
             next
         }
         Err(Error::UnwatchedLease { lease, slot, .. }) => {
@@ -43,7 +46,7 @@ pub(super) async fn reconcile_key(ctx: &Arc<Context>, key: &LeaseKey) {
         }
         Err(e) => {
             let after = failed(ctx, key, &e);
-            failing::failed(ctx, key, &e).await;
+            failure_notice::failed(ctx, key, &e).await;
             Some(after)
         }
     };
@@ -56,12 +59,12 @@ pub(super) async fn reconcile_key(ctx: &Arc<Context>, key: &LeaseKey) {
 /// A reconcile panicked (the worker contained it): counted as an error of reason
 /// `Panic`, and the key tried again with backoff, like any failure.
 pub(super) fn reconcile_panicked(ctx: &Arc<Context>, key: &LeaseKey) {
-    let e = Error::Panicked {
+    let e = Error::Panic {
         lease: key.name.clone(),
     };
     let after = failed(ctx, key, &e);
     ctx.queue.schedule(key.clone(), Instant::now() + after);
-    failing::panicked(ctx, key, e);
+    failure_notice::panicked(ctx, key, e);
 }
 
 /// Counts and logs a failed reconcile; returns the backoff before the next try.
@@ -92,47 +95,83 @@ fn count_error(ctx: &Context, reason: &str) {
 
 /// Reads the state of one lock, decides, and writes. Returns when to look again.
 async fn reconcile(ctx: &Arc<Context>, key: &LeaseKey) -> Result<Option<Duration>, Error> {
+    if routes::is_orphan(key) {
+        routes::remove_orphan(ctx, key).await;
+        return Ok(None);
+    }
     foreign::refresh(ctx, key).await?;
-    let r = read(ctx, key);
-    note_stalled(ctx, key, &r);
-    // A cache older than our own last writes would only produce refused writes: wait
-    // for the watch to deliver them (it triggers this key again).
-    let Some(memory) = memory_unless_stale(ctx, key, &r) else {
+    let mut r = read(ctx, key);
+    // What the arbiter sees and what it plans pass the chaos build's seam (nothing
+    // happens there in the product build).
+    let Read {
+        claims,
+        leases,
+        capacity,
+        pods,
+        ..
+    } = &mut r;
+    let (capacity, pods) = (*capacity, &*pods);
+    let plan = chaos::arbiter(key, claims, leases, |claims, leases| {
+        decide(ctx, key, claims, leases, capacity, pods)
+    });
+    let Some(plan) = plan else {
         tracing::debug!(namespace = %key.namespace, lease = %key.name, "cache behind our last write; waiting for the watch");
         return Ok(Some(Duration::from_secs(1)));
     };
-    let r = chaos_inputs(r);
-    let refs: Vec<&LockClaim> = r.claims.iter().map(|c| c.as_ref()).collect();
-    let leases: BTreeMap<u32, &Lease> = r.leases.iter().map(|(s, l)| (*s, l.as_ref())).collect();
-    let plan = arbiter::decide_lock(&arbiter::LockInput {
+    let written = if plan.steps.is_empty() {
+        Written::default()
+    } else {
+        execute::execute(ctx, key, &plan, &r.claims, &r.leases, &r.pods).await?
+    };
+    record(ctx, key, &plan.outcomes);
+    lock_status::publish(ctx, key, &plan, &r.claims, r.lock.as_deref(), r.capacity).await;
+    let route_refresh = routes::publish(ctx, key, &plan, &r.claims).await;
+    remember(ctx, key, &plan, written, &r);
+    let recheck = foreign::recheck_in(ctx, key);
+    Ok([plan.requeue_after, recheck, route_refresh]
+        .into_iter()
+        .flatten()
+        .min())
+}
+
+/// The plan for the lock as read; None while the caches are older than our own last
+/// writes (deciding from them would only produce refused writes: the watch delivering
+/// them triggers the key again).
+fn decide(
+    ctx: &Context,
+    key: &LeaseKey,
+    claims: &[Arc<LockClaim>],
+    leases: &BTreeMap<u32, Arc<Lease>>,
+    capacity: u32,
+    pods: &[PodView],
+) -> Option<LockPlan> {
+    note_stalled(ctx, key, claims, capacity);
+    let memory = memory_unless_stale(ctx, key, claims, leases)?;
+    let refs: Vec<&LockClaim> = claims.iter().map(|c| c.as_ref()).collect();
+    let proven: BTreeSet<u32> = leases
+        .iter()
+        .filter(|(_, l)| ctx.proof.proves(l))
+        .map(|(s, _)| *s)
+        .collect();
+    let leases: BTreeMap<u32, &Lease> = leases.iter().map(|(s, l)| (*s, l.as_ref())).collect();
+    Some(arbiter::decide(&arbiter::LockInput {
         lock_name: &key.name,
-        capacity: r.capacity,
+        capacity,
         claims: &refs,
         leases: &leases,
+        proven: &proven,
+        pods,
         memory: &memory,
         now: arbiter::Now {
             wall: jiff::Timestamp::now(),
             mono: ctx.mono(),
         },
         config: ctx.config,
-    });
-    let written = if plan.steps.is_empty() {
-        Written::default()
-    } else {
-        execute::execute(ctx, key, &plan, &r.claims, &r.leases).await?
-    };
-    record(ctx, key, &plan.outcomes);
-    locks::publish(ctx, key, &plan, &r).await;
-    remember(ctx, key, &plan, written, &r);
-    let recheck = foreign::recheck_in(ctx, key);
-    Ok(match (plan.requeue_after, recheck) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    })
+    }))
 }
 
 /// What one reconcile reads from the caches.
-pub(super) struct Read {
+struct Read {
     /// The claims that name the lock.
     pub claims: Vec<Arc<LockClaim>>,
     /// Its slot Leases, by slot: from the watched caches, else as last read when the
@@ -142,6 +181,8 @@ pub(super) struct Read {
     pub capacity: u32,
     /// The Lock object, if any.
     pub lock: Option<Arc<Lock>>,
+    /// The Pods that ask for the lock.
+    pub pods: Vec<PodView>,
 }
 
 fn read(ctx: &Context, key: &LeaseKey) -> Read {
@@ -192,29 +233,18 @@ fn read(ctx: &Context, key: &LeaseKey) -> Read {
         leases,
         capacity,
         lock,
+        pods: pod_watch::views(ctx, key),
     }
-}
-
-/// The chaos build's `skip-lock-delay` control edits the inputs (no-op otherwise).
-fn chaos_inputs(mut r: Read) -> Read {
-    let (claims, zero) = chaos::inputs(std::mem::take(&mut r.claims), r.leases.get(&0).cloned());
-    r.claims = claims;
-    for (slot, l) in r.leases.iter_mut() {
-        let edited = if *slot == 0 {
-            zero.clone()
-        } else {
-            chaos::inputs(Vec::new(), Some(l.clone())).1
-        };
-        if let Some(e) = edited {
-            *l = e;
-        }
-    }
-    r
 }
 
 /// What this process remembers of the key, unless the caches are older than its own
 /// last writes (None).
-fn memory_unless_stale(ctx: &Context, key: &LeaseKey, r: &Read) -> Option<LockMemory> {
+fn memory_unless_stale(
+    ctx: &Context,
+    key: &LeaseKey,
+    claims: &[Arc<LockClaim>],
+    leases: &BTreeMap<u32, Arc<Lease>>,
+) -> Option<LockMemory> {
     let keys = ctx.keys();
     let Some(s) = keys.get(key) else {
         return Some(LockMemory::default());
@@ -222,9 +252,9 @@ fn memory_unless_stale(ctx: &Context, key: &LeaseKey, r: &Read) -> Option<LockMe
     let rv = |o: Option<String>| o.and_then(|v| v.parse::<u64>().ok());
     let lease_behind = s.lease_rvs.iter().any(|(slot, w)| {
         // Absent from the cache although we wrote it: the watch has not caught up.
-        rv(r.leases.get(slot).and_then(|l| l.resource_version())).is_none_or(|have| have < *w)
+        rv(leases.get(slot).and_then(|l| l.resource_version())).is_none_or(|have| have < *w)
     });
-    let claim_behind = r.claims.iter().any(|c| {
+    let claim_behind = claims.iter().any(|c| {
         s.claim_rvs
             .get(&c.name_any())
             .is_some_and(|w| rv(c.resource_version()).is_some_and(|have| have < *w))
@@ -290,9 +320,9 @@ fn adjust(gauge: &Family<NamespaceLabel, Gauge>, key: &LeaseKey, before: usize, 
 
 /// Counts the lock's claims that wait although a slot is free, as read (before the
 /// plan, so that a grant that keeps failing keeps them counted).
-fn note_stalled(ctx: &Context, key: &LeaseKey, r: &Read) {
-    let refs: Vec<&LockClaim> = r.claims.iter().map(|c| c.as_ref()).collect();
-    let now = arbiter::stalled_waiters(&refs, r.capacity);
+fn note_stalled(ctx: &Context, key: &LeaseKey, claims: &[Arc<LockClaim>], capacity: u32) {
+    let refs: Vec<&LockClaim> = claims.iter().map(|c| c.as_ref()).collect();
+    let now = arbiter::stalled_waiters(&refs, capacity);
     let before = {
         let mut keys = ctx.keys();
         let s = keys.entry(key.clone()).or_default();

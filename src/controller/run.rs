@@ -5,6 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::core::DeserializeGuard;
 use kube::runtime::events::Reporter;
@@ -14,9 +16,10 @@ use kube::{Api, Client, CustomResourceExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::queue::WorkQueue;
 use super::reconcile::{reconcile_key, reconcile_panicked};
 use super::watches;
+use super::workqueue::WorkQueue;
+use super::writer::Writer;
 use super::{chaos, worker, Context, Error, LeaseKey, RunConfig, RunError};
 use crate::api::{Lock, LockClaim};
 use crate::arbiter;
@@ -25,7 +28,7 @@ use crate::telemetry::{self, Metrics, Readiness, ReasonLabel};
 
 /// Runs the operator until it fails or receives SIGINT/SIGTERM.
 pub async fn run(mut cfg: RunConfig) -> Result<(), RunError> {
-    chaos::arm();
+    let controls = chaos::controls();
     if cfg.leader_elect {
         // One identity per process, as client-go does (name_random): a container that
         // restarts under the same Pod name is a new candidate, not the old leader back.
@@ -56,17 +59,47 @@ pub async fn run(mut cfg: RunConfig) -> Result<(), RunError> {
     }
     // A follower is ready: it serves probes and waits to take over.
     readiness.set(true);
-    if let Some(res) =
-        chaos::without_leadership(&client, &cfg, &metrics, &readiness, &election).await
-    {
-        return res;
+    if controls.ignore_leadership {
+        return run_ignoring_leadership(client, cfg, metrics, readiness, election).await;
     }
     tracing::info!(identity = %election.identity, lease = %election.name, namespace = %election.namespace, "waiting for leadership");
     let leadership = tokio::select! {
         l = election.acquire(client.clone()) => l?,
         _ = shutdown_signal() => return Ok(()),
     };
-    lead(client, cfg, metrics, readiness, leadership).await
+    lead(client, cfg, metrics, readiness, leadership, controls).await
+}
+
+/// The chaos build's `non-leader-writes` control: the election runs (and the leader
+/// gauge tells the truth) but the controller does not wait for it. Never chosen in the
+/// product build ([`chaos::controls`] is all off there).
+async fn run_ignoring_leadership(
+    client: Client,
+    cfg: RunConfig,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    election: crate::leader::ElectionConfig,
+) -> Result<(), RunError> {
+    let elect = async {
+        if let Ok(mut l) = election.acquire(client.clone()).await {
+            metrics.leader.set(1);
+            l.lost().await;
+            metrics.leader.set(0);
+        }
+        std::future::pending::<()>().await
+    };
+    let run = controller(
+        client.clone(),
+        cfg,
+        metrics.clone(),
+        readiness,
+        Term::unbounded(),
+    );
+    tokio::select! {
+        res = run => res,
+        _ = elect => Ok(()),
+        _ = shutdown_signal() => Ok(()),
+    }
 }
 
 /// Eight hex digits that differ between processes (the standard library's randomly
@@ -137,6 +170,7 @@ async fn lead(
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     mut leadership: crate::leader::Leadership,
+    controls: chaos::Controls,
 ) -> Result<(), RunError> {
     metrics.leader.set(1);
     // A new leader is not ready until its caches are synced.
@@ -174,16 +208,26 @@ async fn lead(
             res
         }
         Ending::Lost => {
+            if controls.work_on_after_loss {
+                tracing::warn!("CHAOS: lost leadership; working on for 2 s");
+                let _ = tokio::time::timeout(Duration::from_secs(2), &mut ctl).await;
+            }
             term.end();
             let _ = stop.send(true);
             let _ = ctl.await;
             Err(RunError::LeadershipLost)
         }
-        Ending::Signal if chaos::releases_before_draining() => {
-            // The controller keeps running (polled here) while leadership is released.
+        Ending::Signal if controls.release_before_drain => {
+            // The chaos build's sloppy shutdown: leadership released first, while the
+            // controller keeps running (polled here) for what is left of its term.
             let sloppy = async {
                 leadership.release().await;
-                chaos::keep_working_after_release(&term).await;
+                let left = term.remaining().unwrap_or(Duration::from_secs(1));
+                tracing::warn!(
+                    ?left,
+                    "CHAOS: released leadership before draining; working on"
+                );
+                tokio::time::sleep(left.min(Duration::from_secs(10))).await;
             };
             tokio::select! {
                 _ = sloppy => {}
@@ -242,29 +286,50 @@ pub async fn controller_until(
     term: Term,
     stop: watch::Receiver<bool>,
 ) -> Result<(), RunError> {
-    let (claim_api, lease_api, lock_api) = match cfg.watch_namespace.as_deref() {
-        Some(ns) => (
-            Api::<DeserializeGuard<LockClaim>>::namespaced(client.clone(), ns),
-            Api::<DeserializeGuard<Lease>>::namespaced(client.clone(), ns),
-            Api::<DeserializeGuard<Lock>>::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-        ),
-    };
     start_counters_at_zero(&metrics);
+    let proof_ns = cfg.leader_namespace.clone().unwrap_or_else(own_namespace);
+    let proof =
+        super::proof::ProofKey::load(client.clone(), &proof_ns, &cfg.proof_key_secret).await?;
+    let (ctx, writers) = context(client.clone(), &cfg, metrics, term, proof);
+    tokio::select! {
+        res = watch_all(ctx.clone(), client, &cfg, writers) => res,
+        res = dispatch(ctx, readiness, &cfg, stop) => res,
+    }
+}
+
+/// The reflectors' write ends, one per watch.
+struct Writers {
+    claims: reflector::store::Writer<LockClaim>,
+    managed: reflector::store::Writer<Lease>,
+    takeover: reflector::store::Writer<Lease>,
+    locks: reflector::store::Writer<Lock>,
+    pods: Option<reflector::store::Writer<Pod>>,
+    services: Option<reflector::store::Writer<Service>>,
+    slices: Option<reflector::store::Writer<EndpointSlice>>,
+}
+
+/// The controller's shared state, with empty caches and their write ends.
+fn context(
+    client: Client,
+    cfg: &RunConfig,
+    metrics: Arc<Metrics>,
+    term: Term,
+    proof: super::proof::ProofKey,
+) -> (Arc<Context>, Writers) {
     let (claims, claim_writer) = reflector::store();
     let (managed, managed_writer) = reflector::store();
     let (takeover, takeover_writer) = reflector::store();
     let (locks, lock_writer) = reflector::store();
+    let (pods, pod_writer) = optional_store(cfg.pods);
+    let (services, service_writer) = optional_store(cfg.routes);
+    let (slices, slice_writer) = optional_store(cfg.routes);
     let reporter = Reporter {
-        controller: crate::MANAGER.into(),
+        controller: crate::api::MANAGER.into(),
         instance: Some(cfg.identity()),
     };
+    let writer = Writer::new(client.clone(), term, metrics.clone(), Some(cfg.identity()));
     let events = super::events::EventSink::start(
-        client.clone(),
+        writer.clone(),
         reporter.clone(),
         metrics.clone(),
         cfg.event_qps,
@@ -287,23 +352,107 @@ pub async fn controller_until(
             gc_grace: cfg.gc_grace,
             exact_positions: cfg.queue_positions,
             position_delay: cfg.queue_position_delay,
+            pods: cfg.pods,
         },
         origin: Instant::now(),
-        term,
+        writer,
+        proof,
+        pods,
+        heartbeats: Default::default(),
+        pod_warned: Mutex::default(),
+        services,
+        slices,
     });
+    let writers = Writers {
+        claims: claim_writer,
+        managed: managed_writer,
+        takeover: takeover_writer,
+        locks: lock_writer,
+        pods: pod_writer,
+        services: service_writer,
+        slices: slice_writer,
+    };
+    (ctx, writers)
+}
+
+/// A cache and its write end, if `on`.
+fn optional_store<K>(
+    on: bool,
+) -> (
+    Option<reflector::Store<K>>,
+    Option<reflector::store::Writer<K>>,
+)
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    if !on {
+        return (None, None);
+    }
+    let (s, w) = reflector::store();
+    (Some(s), Some(w))
+}
+
+/// Runs every watch; returns (an error) only if one ends.
+async fn watch_all(
+    ctx: Arc<Context>,
+    client: Client,
+    cfg: &RunConfig,
+    w: Writers,
+) -> Result<(), RunError> {
+    fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let ns = cfg.watch_namespace.as_deref();
+    let lease_api = api::<DeserializeGuard<Lease>>(&client, ns);
     let [managed_sel, takeover_sel] = watches::lease_selectors();
+    let pods = async {
+        match w.pods {
+            Some(writer) => {
+                let heartbeats =
+                    Api::namespaced(client.clone(), super::pod_watch::NODE_LEASE_NAMESPACE);
+                tokio::join!(
+                    super::pod_watch::watch_pods(ctx.clone(), api(&client, ns), writer),
+                    super::pod_watch::watch_heartbeats(ctx.clone(), heartbeats),
+                );
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let routes = async {
+        match (w.services, w.slices) {
+            (Some(services), Some(slices)) => {
+                tokio::join!(
+                    super::routes::watch_services(ctx.clone(), api(&client, ns), services),
+                    super::routes::watch_slices(api(&client, ns), slices),
+                );
+            }
+            _ => std::future::pending().await,
+        }
+    };
     tokio::select! {
-        _ = watches::watch_claims(ctx.clone(), claim_api, claim_writer) => Err(RunError::WatchEnded("LockClaim")),
-        _ = watches::watch_leases(ctx.clone(), lease_api.clone(), managed_sel, managed_writer) => Err(RunError::WatchEnded("Lease")),
-        _ = watches::watch_leases(ctx.clone(), lease_api, takeover_sel, takeover_writer) => Err(RunError::WatchEnded("Lease")),
-        _ = watches::watch_locks(ctx.clone(), lock_api, lock_writer) => Err(RunError::WatchEnded("Lock")),
-        res = dispatch(ctx, readiness, &cfg, stop) => res,
+        _ = routes => Err(RunError::WatchEnded("Service")),
+        _ = watches::watch_claims(ctx.clone(), api(&client, ns), w.claims) => Err(RunError::WatchEnded("LockClaim")),
+        _ = watches::watch_leases(ctx.clone(), lease_api.clone(), managed_sel, w.managed) => Err(RunError::WatchEnded("Lease")),
+        _ = watches::watch_leases(ctx.clone(), lease_api, takeover_sel, w.takeover) => Err(RunError::WatchEnded("Lease")),
+        _ = watches::watch_locks(ctx.clone(), api(&client, ns), w.locks) => Err(RunError::WatchEnded("Lock")),
+        _ = pods => Err(RunError::WatchEnded("Pod")),
     }
 }
 
 /// Counters by reason exist from the start, at zero, so that rates work from the start.
 fn start_counters_at_zero(metrics: &Metrics) {
-    for reason in Error::REASONS {
+    for reason in Error::reasons() {
         metrics
             .reconcile_errors
             .get_or_create(&ReasonLabel {
@@ -332,13 +481,29 @@ async fn dispatch(
 ) -> Result<(), RunError> {
     let synced = async {
         let [managed, takeover] = &ctx.leases;
-        let (a, b, c, d) = tokio::join!(
+        let pods = async {
+            let pods = match &ctx.pods {
+                Some(p) => p.wait_until_ready().await.is_ok(),
+                None => true,
+            };
+            let services = match &ctx.services {
+                Some(s) => s.wait_until_ready().await.is_ok(),
+                None => true,
+            };
+            let slices = match &ctx.slices {
+                Some(s) => s.wait_until_ready().await.is_ok(),
+                None => true,
+            };
+            pods && services && slices
+        };
+        let (a, b, c, d, e) = tokio::join!(
             ctx.claims.wait_until_ready(),
             managed.wait_until_ready(),
             takeover.wait_until_ready(),
-            ctx.locks.wait_until_ready()
+            ctx.locks.wait_until_ready(),
+            pods,
         );
-        a.is_ok() && b.is_ok() && c.is_ok() && d.is_ok()
+        a.is_ok() && b.is_ok() && c.is_ok() && d.is_ok() && e
     };
     match tokio::time::timeout(cfg.cache_sync_timeout, synced).await {
         Ok(true) => {}

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Patch, PatchParams};
 use kube::core::{DeserializeGuard, DynamicObject, GroupVersionKind};
 use kube::discovery::ApiResource;
 use kube::runtime::reflector::{self, store::Writer, ObjectRef};
@@ -16,7 +15,8 @@ use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Resource, ResourceExt};
 
-use super::{chaos, Context, LeaseKey};
+use super::writer::WriteError;
+use super::{Context, LeaseKey};
 use crate::api::{parse_slot_lease, Lock, LockClaim, LockClaimSpec, LockSpec};
 use crate::arbiter::{self, Note, Reason, Target};
 use crate::telemetry::KindLabel;
@@ -26,8 +26,16 @@ use crate::telemetry::KindLabel;
 /// heartbeats, other controllers' leader election) never reaches the operator.
 pub(super) fn lease_selectors() -> [String; 2] {
     [
-        format!("{}={}", crate::MANAGED_BY_LABEL, crate::MANAGED_BY_VALUE),
-        format!("{}={}", crate::TAKEOVER_LABEL, crate::TAKEOVER_ALLOWED),
+        format!(
+            "{}={}",
+            crate::api::MANAGED_BY_LABEL,
+            crate::api::MANAGED_BY_VALUE
+        ),
+        format!(
+            "{}={}",
+            crate::api::TAKEOVER_LABEL,
+            crate::api::TAKEOVER_ALLOWED
+        ),
     ]
 }
 
@@ -69,10 +77,6 @@ pub(super) async fn watch_leases(
     writer: Writer<Lease>,
 ) {
     let events = watcher(api, watcher::Config::default().labels(&selector))
-        .then(|ev| async move {
-            chaos::lease_watch_point().await;
-            ev
-        })
         .map_ok(decoding(ctx.clone(), lease_stub))
         .try_filter_map(|e| ready(Ok(e)))
         .modify(arbiter::slim_lease);
@@ -234,22 +238,16 @@ impl Context {
             message,
         };
         self.events.send(&note, reference);
-        if status_only && self.term.is_current() {
-            let api: Api<LockClaim> = Api::namespaced(self.client.clone(), ns);
-            let patch = serde_json::json!({
-                "metadata": {"resourceVersion": meta.resource_version},
-                "status": null,
-            });
-            let (pp, merge) = (PatchParams::default(), Patch::Merge(&patch));
-            let write = api.patch_status(name, &pp, &merge);
-            match self.term.within(write).await {
-                None => {}
-                Some(Ok(_)) => tracing::info!(
+        if status_only {
+            let rv = meta.resource_version.as_deref();
+            match self.writer.clear_claim_status(ns, name, rv).await {
+                Err(WriteError::TermEnded) => {}
+                Ok(_) => tracing::info!(
                     namespace = ns,
                     name,
                     "cleared a status that could not be decoded"
                 ),
-                Some(Err(e)) => {
+                Err(e) => {
                     tracing::warn!(namespace = ns, name, error = %e, "cannot clear the status of a claim that cannot be decoded")
                 }
             }
@@ -344,14 +342,20 @@ fn lock_stub(_: &Context, meta: &kube::api::ObjectMeta) -> Lock {
 
 /// Drops what the arbiter never reads before a claim enters the cache: managedFields,
 /// labels, annotations (a tenant may annotate its claims with anything, up to the API
-/// server's size limit) and owner references. Finalizers stay: the legacy one is
-/// removed by the arbiter.
+/// server's size limit) and owner references other than a Pod (the holder's Pod, for
+/// routes). Finalizers stay: the legacy one is removed by the arbiter.
 pub(super) fn slim_claim(c: &mut LockClaim) {
     let m = &mut c.metadata;
     m.managed_fields = None;
     m.annotations = None;
     m.labels = None;
-    m.owner_references = None;
+    // Only a Pod owner is read (the holder's Pod, for routes to the holder).
+    if let Some(o) = m.owner_references.as_mut() {
+        o.retain(|o| o.kind == "Pod" && o.api_version == "v1");
+    }
+    if m.owner_references.as_ref().is_some_and(Vec::is_empty) {
+        m.owner_references = None;
+    }
 }
 
 /// Once the watch delivers our own write (or anything later), the cache has caught up.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Semaphore};
 
-use super::queue::{Grouped, WorkQueue};
+use super::workqueue::{Grouped, WorkQueue};
 
 /// Serves `queue` until `stop` turns true: each due key goes to `work`, at most
 /// `concurrency` at once and never one key twice at once. A panic in `work` is

@@ -8,8 +8,8 @@ use clap::{Args, ValueEnum};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{DeleteParams, ListParams};
 use kube::{Api, Client};
-use leasekeeper::api::{LockClaim, Phase, Renewal};
-use leasekeeper::client::LockClient;
+use leasekeeper::api::{slot_lease, Lock, LockClaim, Phase, Renewal};
+use leasekeeper::client::{LockClient, LockError};
 
 use crate::{fail, lock_error, options, Common};
 
@@ -132,10 +132,17 @@ pub async fn acquire(client: Client, ns: &str, a: HoldArgs) -> ExitCode {
     opts.claim_name = Some(name.clone());
     opts.owner_pod = false;
     // Held until released: a finished claim (released, expired) is cleaned up later.
-    match LockClient::new(client, ns)
-        .acquire(&a.common.name, opts)
-        .await
-    {
+    // A signal while waiting withdraws the claim.
+    let mut signals = crate::signals::listen();
+    let mut stopped_by = None;
+    let cancel = async { stopped_by = Some(signals.recv().await) };
+    let acquired = LockClient::new(client, ns)
+        .acquire_or_cancel(&a.common.name, opts, cancel)
+        .await;
+    if let (Err(LockError::Cancelled), Some(sig)) = (&acquired, stopped_by) {
+        return crate::withdrawn(sig);
+    }
+    match acquired {
         Ok(guard) => {
             println!(
                 "acquired {} as {identity} (claim {name}, fencing token {}); release with: kubectl lock release {} --identity {identity}",
@@ -193,15 +200,32 @@ pub async fn release(client: Client, ns: &str, a: ReleaseArgs) -> ExitCode {
     }
 }
 
+/// What `status` reports. `holder`, `leaseTransitions` and `fencingToken` are slot 0's
+/// (the whole lock when its capacity is 1); `slots` has every slot.
 #[derive(serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 struct StatusOut {
     lease: String,
     namespace: String,
+    capacity: i32,
     holder: Option<String>,
     lease_transitions: Option<i32>,
     fencing_token: Option<i64>,
+    slots: Vec<SlotOut>,
     claims: Vec<ClaimOut>,
+}
+
+/// One slot of the lock: its Lease and the claim Granted on it.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SlotOut {
+    slot: u32,
+    lease: String,
+    exists: bool,
+    holder: Option<String>,
+    lease_transitions: Option<i32>,
+    claim: Option<String>,
+    fencing_token: Option<i64>,
 }
 
 #[derive(serde::Serialize)]
@@ -210,6 +234,7 @@ struct ClaimOut {
     name: String,
     identity: String,
     phase: Option<Phase>,
+    slot: Option<i32>,
     queue_position: Option<i32>,
     priority: i32,
     fencing_token: Option<i64>,
@@ -219,7 +244,7 @@ struct ClaimOut {
 fn emit<T: serde::Serialize>(o: Output, v: &T) -> ExitCode {
     let text = match o {
         Output::Json => serde_json::to_string_pretty(v).map_err(|e| e.to_string()),
-        _ => serde_yaml::to_string(v).map_err(|e| e.to_string()),
+        _ => serde_saphyr::to_string(v).map_err(|e| e.to_string()),
     };
     match text {
         Ok(t) => {
@@ -232,11 +257,8 @@ fn emit<T: serde::Serialize>(o: Output, v: &T) -> ExitCode {
 
 pub async fn status(client: Client, ns: &str, a: StatusArgs) -> ExitCode {
     let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
-    let claims: Api<LockClaim> = Api::namespaced(client, ns);
-    let lease = match leases.get_opt(&a.name).await {
-        Ok(l) => l,
-        Err(e) => return fail(e),
-    };
+    let claims: Api<LockClaim> = Api::namespaced(client.clone(), ns);
+    let locks: Api<Lock> = Api::namespaced(client, ns);
     let list = match claims.list(&ListParams::default()).await {
         Ok(l) => l,
         Err(e) => return fail(e),
@@ -255,65 +277,144 @@ pub async fn status(client: Client, ns: &str, a: StatusArgs) -> ExitCode {
             .unwrap_or(i32::MAX);
         (!granted, pos, c.metadata.name.clone())
     });
-    let spec = lease.as_ref().and_then(|l| l.spec.clone());
+    // A Lock object sets the capacity (1 without one; a tenant may not read Locks).
+    let capacity = locks
+        .get_opt(&a.name)
+        .await
+        .ok()
+        .flatten()
+        .map_or(1, |l| l.spec.capacity);
+    let mut slots = Vec::new();
+    for slot in slots_to_show(capacity, &mine) {
+        let name = slot_lease(&a.name, slot);
+        let lease = match leases.get_opt(&name).await {
+            Ok(l) => l,
+            Err(e) if slot == 0 => return fail(e),
+            Err(_) => None,
+        };
+        slots.push(slot_out(slot, name, lease.as_ref(), &mine));
+    }
+    let first = slots.first();
     let out = StatusOut {
         lease: a.name.clone(),
         namespace: ns.to_string(),
-        holder: spec
-            .as_ref()
-            .and_then(|s| s.holder_identity.clone())
-            .filter(|h| !h.is_empty()),
-        lease_transitions: spec.as_ref().and_then(|s| s.lease_transitions),
-        fencing_token: mine
-            .iter()
-            .find(|c| c.phase() == Some(Phase::Granted))
-            .and_then(|c| c.status.as_ref().and_then(|s| s.fencing_token)),
-        claims: mine
-            .iter()
-            .map(|c| ClaimOut {
-                name: c.metadata.name.clone().unwrap_or_default(),
-                identity: c.identity(),
-                phase: c.phase(),
-                queue_position: c.status.as_ref().and_then(|s| s.queue_position),
-                priority: c.spec.priority,
-                fencing_token: c.status.as_ref().and_then(|s| s.fencing_token),
-                reason: c.condition("Granted").map(|x| x.reason.clone()),
-            })
-            .collect(),
+        capacity,
+        holder: first.and_then(|s| s.holder.clone()),
+        lease_transitions: first.and_then(|s| s.lease_transitions),
+        fencing_token: first.and_then(|s| s.fencing_token),
+        claims: mine.iter().map(|c| claim_out(c)).collect(),
+        slots,
     };
     if let Some(o @ (Output::Json | Output::Yaml)) = a.output {
         return emit(o, &out);
     }
-    match lease {
-        None => println!("Lease {ns}/{}: does not exist", a.name),
-        Some(_) => println!(
-            "Lease {ns}/{}: holder {}, transitions {}, fencing token {}",
-            a.name,
-            out.holder.as_deref().unwrap_or("<none>"),
-            out.lease_transitions.map_or("-".into(), |t| t.to_string()),
-            out.fencing_token.map_or("-".into(), |t| t.to_string()),
-        ),
+    print_status(&out, a.output == Some(Output::Wide));
+    ExitCode::SUCCESS
+}
+
+/// Slots 0 to capacity - 1, and any slot above that a claim still holds (a capacity
+/// lowered under holders).
+fn slots_to_show(capacity: i32, claims: &[&LockClaim]) -> Vec<u32> {
+    let held = claims
+        .iter()
+        .filter(|c| c.phase() == Some(Phase::Granted))
+        .filter_map(|c| c.status.as_ref().and_then(|s| s.slot))
+        .filter_map(|s| u32::try_from(s).ok());
+    let upto = u32::try_from(capacity.max(1)).unwrap_or(1);
+    let mut all: Vec<u32> = (0..upto).chain(held).collect();
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
+/// One slot: its Lease as read, and the claim Granted on it with that claim's token.
+fn slot_out(slot: u32, lease: String, l: Option<&Lease>, claims: &[&LockClaim]) -> SlotOut {
+    let spec = l.and_then(|l| l.spec.as_ref());
+    let holder_claim = claims.iter().find(|c| {
+        c.phase() == Some(Phase::Granted)
+            && c.status.as_ref().and_then(|s| s.slot).unwrap_or(0)
+                == i32::try_from(slot).unwrap_or(-1)
+    });
+    SlotOut {
+        slot,
+        exists: l.is_some(),
+        holder: spec
+            .and_then(|s| s.holder_identity.clone())
+            .filter(|h| !h.is_empty()),
+        lease_transitions: spec.and_then(|s| s.lease_transitions),
+        claim: holder_claim.and_then(|c| c.metadata.name.clone()),
+        fencing_token: holder_claim.and_then(|c| c.status.as_ref().and_then(|s| s.fencing_token)),
+        lease,
     }
-    let wide = a.output == Some(Output::Wide);
+}
+
+fn claim_out(c: &LockClaim) -> ClaimOut {
+    let st = c.status.as_ref();
+    ClaimOut {
+        name: c.metadata.name.clone().unwrap_or_default(),
+        identity: c.identity(),
+        phase: c.phase(),
+        slot: st
+            .and_then(|s| s.slot)
+            .filter(|_| c.phase() == Some(Phase::Granted)),
+        queue_position: st.and_then(|s| s.queue_position),
+        priority: c.spec.priority,
+        fencing_token: st.and_then(|s| s.fencing_token),
+        reason: c.condition("Granted").map(|x| x.reason.clone()),
+    }
+}
+
+fn print_status(out: &StatusOut, wide: bool) {
+    println!(
+        "Lock {}/{}: capacity {}, held {}, waiting {}",
+        out.namespace,
+        out.lease,
+        out.capacity,
+        out.slots.iter().filter(|s| s.claim.is_some()).count(),
+        out.claims
+            .iter()
+            .filter(|c| c.queue_position.is_some() || c.phase == Some(Phase::Pending))
+            .count(),
+    );
+    println!(
+        "{:<5} {:<32} {:<24} {:>11} {:>10}  CLAIM",
+        "SLOT", "LEASE", "HOLDER", "TRANSITIONS", "TOKEN"
+    );
+    for s in &out.slots {
+        let lease = if s.exists {
+            s.lease.clone()
+        } else {
+            format!("{} (absent)", s.lease)
+        };
+        println!(
+            "{:<5} {:<32} {:<24} {:>11} {:>10}  {}",
+            s.slot,
+            lease,
+            s.holder.as_deref().unwrap_or("<none>"),
+            s.lease_transitions.map_or("-".into(), |t| t.to_string()),
+            s.fencing_token.map_or("-".into(), |t| t.to_string()),
+            s.claim.as_deref().unwrap_or(""),
+        );
+    }
     let extra = if wide { "  PRIORITY  REASON" } else { "" };
     println!(
-        "{:<32} {:<24} {:<9} {:>8} {:>10}{extra}",
-        "CLAIM", "IDENTITY", "PHASE", "POSITION", "TOKEN"
+        "{:<32} {:<24} {:<9} {:>4} {:>8} {:>10}{extra}",
+        "CLAIM", "IDENTITY", "PHASE", "SLOT", "POSITION", "TOKEN"
     );
     for c in &out.claims {
         let phase = c.phase.map_or("-".to_string(), |p| format!("{p:?}"));
+        let slot = c.slot.map_or(String::new(), |p| p.to_string());
         let pos = c.queue_position.map_or(String::new(), |p| p.to_string());
         let token = c.fencing_token.map_or(String::new(), |t| t.to_string());
         print!(
-            "{:<32} {:<24} {:<9} {:>8} {:>10}",
-            c.name, c.identity, phase, pos, token
+            "{:<32} {:<24} {:<9} {:>4} {:>8} {:>10}",
+            c.name, c.identity, phase, slot, pos, token
         );
         if wide {
             print!("  {:>8}  {}", c.priority, c.reason.as_deref().unwrap_or(""));
         }
         println!();
     }
-    ExitCode::SUCCESS
 }
 
 #[derive(serde::Serialize)]
@@ -331,8 +432,8 @@ pub async fn list(client: Client, ns: &str, a: ListArgs) -> ExitCode {
     let claims: Api<LockClaim> = Api::namespaced(client, ns);
     let selector = format!(
         "{}={}",
-        leasekeeper::MANAGED_BY_LABEL,
-        leasekeeper::MANAGED_BY_VALUE
+        leasekeeper::api::MANAGED_BY_LABEL,
+        leasekeeper::api::MANAGED_BY_VALUE
     );
     let (l, c) = match (
         leases.list(&ListParams::default().labels(&selector)).await,

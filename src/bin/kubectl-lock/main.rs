@@ -5,12 +5,15 @@
 //!   ([`reaper`], [`process`]).
 //! - [`claims`]: acquire, release, status, list.
 //! - [`sidecar`]: hold a lock for the Pod it runs in and say so over HTTP.
+//! - [`fence_command`]: have the API server refuse stale holders' writes to guarded objects.
 
 mod claims;
+mod fence_command;
 mod process;
 mod reaper;
-mod run;
+mod run_command;
 mod sidecar;
+mod signals;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -89,8 +92,16 @@ pub struct KubeArgs {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Acquire NAME, run a command while holding it, release when it exits.
-    Run(run::RunArgs),
+    ///
+    /// SIGINT, SIGTERM, SIGHUP or SIGQUIT while waiting withdraws the claim (deleted
+    /// before exiting 128 + the signal: 130, 143, 129, 131); while the command runs they
+    /// are forwarded to it. SIGKILL cannot be caught: the claim's --wait deadline or its
+    /// TTL ends it then.
+    Run(run_command::RunArgs),
     /// Acquire NAME with a claim the operator renews; it stays held after this exits.
+    ///
+    /// SIGINT, SIGTERM, SIGHUP or SIGQUIT while waiting withdraws the claim (deleted
+    /// before exiting 128 + the signal: 130, 143, 129, 131).
     Acquire(claims::HoldArgs),
     /// Release what `acquire` took.
     Release(claims::ReleaseArgs),
@@ -101,6 +112,11 @@ enum Cmd {
     /// Hold NAME for the Pod this runs in (a native sidecar) and serve its state on a
     /// local port: 200 with the fencing token while held, 503 otherwise.
     Sidecar(sidecar::SidecarArgs),
+    /// Guard objects labelled leasekeeper.io/fenced-by=NAME: the API server refuses a
+    /// write without the annotation leasekeeper.io/fencing-token, or with a token lower
+    /// than the stored object's (a ValidatingAdmissionPolicy and its binding, for this
+    /// namespace).
+    Fence(fence_command::FenceArgs),
     /// (internal) The reaper between `run` and its command.
     #[command(name = "__reap", hide = true)]
     Reap(reaper::ReapArgs),
@@ -196,6 +212,12 @@ pub fn fail(msg: impl std::fmt::Display) -> ExitCode {
 }
 
 /// The exit code of a failed acquire.
+/// A signal came while waiting: the claim is already withdrawn (deleted).
+pub fn withdrawn(sig: nix::sys::signal::Signal) -> ExitCode {
+    eprintln!("kubectl lock: {sig} while waiting; withdrew the claim");
+    signals::exit_code(sig)
+}
+
 pub fn lock_error(e: LockError) -> ExitCode {
     match e {
         LockError::TimedOut(d) => {
@@ -222,12 +244,13 @@ fn main() -> ExitCode {
             Err(e) => return fail(e),
         };
         match cli.command {
-            Cmd::Run(a) => run::run(client, &ns, &cli.kube, a).await,
+            Cmd::Run(a) => run_command::run(client, &ns, &cli.kube, a).await,
             Cmd::Acquire(a) => claims::acquire(client, &ns, a).await,
             Cmd::Release(a) => claims::release(client, &ns, a).await,
             Cmd::Status(a) => claims::status(client, &ns, a).await,
             Cmd::List(a) => claims::list(client, &ns, a).await,
             Cmd::Sidecar(a) => sidecar::sidecar(client, &ns, a).await,
+            Cmd::Fence(a) => fence_command::fence(client, &ns, a).await,
             Cmd::Reap(_) => fail("__reap is started by `kubectl lock run`"),
         }
     })

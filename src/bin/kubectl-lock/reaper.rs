@@ -8,7 +8,7 @@
 //! - is a child subreaper, so descendants orphaned by a dying parent become its own;
 //! - starts the command in a process group of its own, with the default signal
 //!   dispositions and a parent-death signal (SIGKILL), so the command dies even if the
-//!   reaper is killed too (the command itself; its descendants then survive: the README
+//!   reaper is killed too (the command itself; its descendants then survive: docs/usage.md
 //!   says so);
 //! - when the life line ends: SIGKILL to the command's group and every descendant, waits
 //!   until none is left, then deletes the claim (the lock is free only after that);

@@ -36,9 +36,14 @@ pub struct Args {
     #[arg(long)]
     pub out: PathBuf,
     /// Run only these scenarios (1 grant, 2 handoff, 3 failover, 4 scale, 5 idle,
-    /// 6 noisy neighbours).
-    #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 3, 4, 5, 6])]
+    /// 6 noisy neighbours, 7 fencing; on a real node with the operator installed,
+    /// `--node`: 8 Pods by scheduling gates, 9 routes to the holder).
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 3, 4, 5, 6, 7])]
     pub only: Vec<u8>,
+    /// On a real node where the operator runs in the cluster (Helm): measure that one,
+    /// start none, and run the node scenarios (8 and 9) only.
+    #[arg(long)]
+    pub node: bool,
 }
 
 /// What every scenario runs against.
@@ -56,7 +61,12 @@ pub struct Bench {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    let mut args = args;
     let client = testkit::client_for(&args.kubeconfig).await;
+    if args.node {
+        args.only = vec![8, 9];
+        return node_bench(args, client).await;
+    }
     testkit::install_crd(client.clone(), "lk-bench", Duration::from_secs(60)).await;
     let (mut op, metrics_addr) = start_operator(&args).await;
     let bench = Bench {
@@ -79,6 +89,24 @@ async fn main() {
     figures(&bench.args.out, &r);
 }
 
+/// The node scenarios against the operator installed in the cluster.
+async fn node_bench(args: Args, client: Client) {
+    let bench = Bench {
+        n: if args.smoke { 3 } else { 50 },
+        op_pid: 0,
+        metrics_addr: String::new(),
+        client,
+        args,
+    };
+    let mut r = Report::default();
+    header(&bench, &mut r).await;
+    r.add("The operator: the chart's defaults (installed by `make bench-node`), the image built from the Dockerfile (release).".to_string());
+    r.add(String::new());
+    scenarios::run_selected(&bench, &mut r).await;
+    std::fs::write(&bench.args.out, r.lines.join("\n") + "\n").expect("write report");
+    eprintln!("report written to {}", bench.args.out.display());
+}
+
 /// The SVG figures beside the report: `<report stem>-latency-cdf.svg` and
 /// `<report stem>-scale.svg`. A figure that cannot be drawn is reported, not fatal.
 fn figures(out: &std::path::Path, r: &Report) {
@@ -99,13 +127,17 @@ fn figures(out: &std::path::Path, r: &Report) {
     }
 }
 
+/// The flags of the operator under test that differ from its defaults (printed in the
+/// report): no garbage collection during a run; twice the default reconciles at once.
+const OPERATOR_FLAGS: [&str; 4] = ["--gc-grace", "1h", "--concurrency", "32"];
+
 /// The operator under test, as its own process; returns once it is ready.
 async fn start_operator(args: &Args) -> (tokio::process::Child, String) {
     let metrics_addr = format!("127.0.0.1:{}", testkit::free_port());
     let log = std::fs::File::create("target/bench-operator.log").expect("log");
     let mut op = tokio::process::Command::new(args.bin.join("leasekeeper"))
         .args(["run", "--metrics-addr", &metrics_addr])
-        .args(["--gc-grace", "1h", "--concurrency", "32"])
+        .args(OPERATOR_FLAGS)
         .env("KUBECONFIG", &args.kubeconfig)
         .env(
             "RUST_LOG",
@@ -155,6 +187,16 @@ async fn header(b: &Bench, r: &mut Report) {
         env!("CARGO_PKG_VERSION"),
         b.args.bin.display()
     ));
+    r.add(String::new());
+    if b.args.node {
+        r.add(format!("Commit {}.", testkit::commit()));
+    } else {
+        r.add(format!(
+            "Commit {}. The operator runs with its defaults except `{}`.",
+            testkit::commit(),
+            OPERATOR_FLAGS.join(" ")
+        ));
+    }
     r.add(String::new());
 }
 

@@ -230,6 +230,30 @@ pub fn operator_metric(text: &str, prefix: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// Waits until the operator's writes stop (no change of `leasekeeper_api_writes_total`
+/// over 3 s, at most 5 minutes): Events are published at `--event-qps`, so a burst of
+/// grants goes on costing writes for a while after the grants themselves.
+pub async fn writes_settled(metrics_addr: &str) {
+    let total = || async {
+        operator_metric(
+            &testkit::scrape(metrics_addr, "/metrics").await,
+            "leasekeeper_api_writes_total",
+        )
+        .values()
+        .sum::<f64>()
+    };
+    let t0 = std::time::Instant::now();
+    let mut last = total().await;
+    while t0.elapsed() < std::time::Duration::from_secs(300) {
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        let now = total().await;
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
 /// (peak RSS in kB, user+system CPU seconds) of process `pid`.
 pub fn proc_stats(pid: u32) -> (u64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

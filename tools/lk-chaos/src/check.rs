@@ -17,6 +17,14 @@ use tokio::time::Instant;
 
 use crate::holder::LOCK_DELAY;
 
+/// How long the cluster may take to settle after the last fault before what is still
+/// unsettled is judged: longer than an etcd restart, a leadership term and the longest
+/// watch backoff (30 s) together.
+const SETTLE_LIMIT: Duration = Duration::from_secs(60);
+
+/// Unsettled claims and disagreeing Leases, each keyed by name@resourceVersion.
+type Snapshot = (BTreeMap<String, String>, BTreeMap<String, String>);
+
 /// Judges the recorded history, then the cluster as the run leaves it.
 pub async fn check(
     client: &Client,
@@ -67,25 +75,58 @@ impl Cluster {
             .unwrap_or_default()
     }
 
-    async fn snapshot(&self) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
-        let claims = self.list_claims().await;
+    /// The unsettled claims and disagreeing Leases now; `None` while the API server
+    /// does not answer every read (an empty answer must not pass for a settled one).
+    async fn snapshot(&self) -> Option<Snapshot> {
+        let claims = self.claims.list(&Default::default()).await.ok()?.items;
         let mut leases = Vec::new();
         for name in &self.lease_names {
-            leases.push((name.clone(), self.leases.get_opt(name).await.ok().flatten()));
+            leases.push((name.clone(), self.leases.get_opt(name).await.ok()?));
         }
-        (
+        Some((
             unsettled_claims(&claims),
             disagreeing_leases(&claims, &leases),
-        )
+        ))
+    }
+
+    /// The first snapshot with nothing unsettled, or the last one taken when
+    /// [`SETTLE_LIMIT`] runs out (empty if the API server never answered).
+    async fn settling(&self, r: &mut Report) -> Snapshot {
+        let started = Instant::now();
+        let mut last = None;
+        while started.elapsed() < SETTLE_LIMIT {
+            if let Some(s) = self.snapshot().await {
+                let calm = s.0.is_empty() && s.1.is_empty();
+                last = Some(s);
+                if calm {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        r.count(
+            "seconds the cluster took to settle after the run",
+            started.elapsed().as_secs() as usize,
+        );
+        last.unwrap_or_default()
     }
 
     /// (e) every live claim is Granted or Pending with a position, and (b) each Lease
-    /// names its Granted claim or nobody. Only what holds still is judged: a state seen
-    /// twice, 1.5 s apart, unchanged (same resourceVersions); a step in flight is not.
+    /// names its Granted claim or nobody. A run can end inside a control-plane outage
+    /// (an etcd restart has kept the API server from writing for 18 s on a 2-core
+    /// machine) or a leadership change, so the cluster gets up to [`SETTLE_LIMIT`] to
+    /// settle; then only what holds still is judged: a state seen twice, 1.5 s apart,
+    /// unchanged (same resourceVersions); a step in flight is not.
     async fn settled(&self, r: &mut Report) {
-        let (c1, l1) = self.snapshot().await;
+        let (c1, l1) = self.settling(r).await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let (c2, l2) = self.snapshot().await;
+        let Some((c2, l2)) = self.snapshot().await else {
+            r.flag(
+                LOST,
+                "the API server did not answer the checker's reads after the run".into(),
+            );
+            return;
+        };
         for (k, msg) in c2 {
             if c1.contains_key(&k) {
                 r.flag(LOST, msg);

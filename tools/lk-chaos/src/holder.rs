@@ -4,12 +4,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Patch, PatchParams};
 use kube::Api;
+use leasekeeper::api::{LockClaim, Phase};
 use leasekeeper::client::{AcquireOptions, LockClient};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::register;
+use crate::{guarded, register};
 
 /// Every holder's claim asks for this lock delay after an expiry.
 pub const LOCK_DELAY: Duration = Duration::from_secs(1);
@@ -40,7 +42,8 @@ pub struct HolderArgs {
 pub async fn run(a: HolderArgs) {
     let client = testkit::client_for(&a.kubeconfig).await;
     let locks = LockClient::new(client.clone(), &a.namespace);
-    let regs: Api<ConfigMap> = Api::namespaced(client, &a.namespace);
+    let regs: Api<ConfigMap> = Api::namespaced(client.clone(), &a.namespace);
+    let claims: Api<LockClaim> = Api::namespaced(client, &a.namespace);
     let mut rng = StdRng::seed_from_u64(a.seed);
     loop {
         let opts = AcquireOptions {
@@ -70,19 +73,56 @@ pub async fn run(a: HolderArgs) {
             if guard.is_lost().is_some() && !a.ignore_lost {
                 break;
             }
-            let fenced = !(a.ignore_lost && guard.is_lost().is_some());
+            let lost = guard.is_lost().is_some();
+            let fenced = !(a.ignore_lost && lost);
             register::write(&regs, &reg, token, &a.identity, fenced).await;
+            guarded::write(
+                &regs,
+                &a.lease,
+                guard.lease_name(),
+                token,
+                &a.identity,
+                lost,
+            )
+            .await;
             tokio::time::sleep(Duration::from_millis(gap)).await;
         }
         if a.ignore_lost && guard.is_lost().is_some() {
             for _ in 0..40 {
                 register::write(&regs, &reg, token, &a.identity, false).await;
+                guarded::write(
+                    &regs,
+                    &a.lease,
+                    guard.lease_name(),
+                    token,
+                    &a.identity,
+                    true,
+                )
+                .await;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+        }
+        if rng.random_bool(0.3) {
+            release_in_place(&claims, guard.claim_name()).await;
         }
         let _ = guard.release().await;
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..200))).await;
     }
+}
+
+/// Ends a hold with `spec.release: true` before the claim is deleted, as a workload that
+/// keeps its claim would: the next grant then comes in the plan that marks this claim
+/// Released (a handoff by status write, not only by deletion).
+async fn release_in_place(claims: &Api<LockClaim>, name: &str) {
+    let patch = serde_json::json!({"spec": {"release": true}});
+    let _ = claims
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await;
+    let ended =
+        kube::runtime::wait::await_condition(claims.clone(), name, |c: Option<&LockClaim>| {
+            c.is_none_or(|c| c.phase() != Some(Phase::Granted))
+        });
+    let _ = tokio::time::timeout(Duration::from_secs(3), ended).await;
 }
 
 /// (register writes, milliseconds between them) of one hold. Most holds are short; some

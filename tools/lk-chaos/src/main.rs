@@ -15,11 +15,27 @@
 
 mod check;
 mod faults;
+mod guarded;
 mod holder;
 mod register;
 mod run;
 
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
 use clap::{Parser, Subcommand};
+
+/// Where this run keeps its files (replica logs and kubeconfigs, holders' outcome
+/// logs): the plane's directory, so that runs on two planes can go side by side.
+static RUN_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// A file of this run: `<plane dir>/<name>`.
+pub fn run_file(name: &str) -> PathBuf {
+    RUN_DIR
+        .get()
+        .map(|d| d.join(name))
+        .unwrap_or_else(|| Path::new("target").join(name))
+}
 
 #[derive(Parser, Debug)]
 #[command(about = "leasekeeper chaos run")]
@@ -34,15 +50,27 @@ enum Cmd {
     Run(run::RunArgs),
     /// One holder process.
     Holder(holder::HolderArgs),
+    /// The audit view of a finished run again, from the log its plane kept.
+    Audit(run::AuditArgs),
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     match Cli::parse().cmd {
         Cmd::Holder(a) => {
+            if let Some(dir) = a.kubeconfig.parent() {
+                let _ = RUN_DIR.set(dir.to_path_buf());
+            }
             holder::run(a).await;
             std::process::ExitCode::SUCCESS
         }
-        Cmd::Run(a) => run::run(a).await,
+        Cmd::Run(a) => {
+            let _ = RUN_DIR.set(a.plane.clone());
+            run::run(a).await
+        }
+        Cmd::Audit(a) => {
+            let _ = RUN_DIR.set(a.plane.clone());
+            run::audit_again(&a)
+        }
     }
 }

@@ -167,10 +167,13 @@ fn spawn_replica(a: &RunArgs, identity: &str, ns: &str) -> Replica {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(format!("target/chaos-{identity}.log"))
+        .open(crate::run_file(&format!("chaos-{identity}.log")))
         .expect("log");
     let metrics = format!("127.0.0.1:{}", testkit::free_port());
     let mut cmd = tokio::process::Command::new(a.bin.join("leasekeeper"));
+    // Each replica writes as a user of its own (impersonated by the plane's admin), so
+    // that the API server's audit log names who made each write.
+    let kubeconfig = replica_kubeconfig(&a.plane.join("kubeconfig"), identity);
     cmd.args(["run", "--leader-elect", "--leader-namespace", ns])
         .args(["--watch-namespace", ns, "--identity", identity])
         .args(["--metrics-addr", &metrics, "--gc-grace", "3s"])
@@ -181,7 +184,7 @@ fn spawn_replica(a: &RunArgs, identity: &str, ns: &str) -> Replica {
             "2s",
         ])
         .args(["--leader-retry-period", "300ms"])
-        .env("KUBECONFIG", a.plane.join("kubeconfig"))
+        .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(log)
@@ -194,6 +197,27 @@ fn spawn_replica(a: &RunArgs, identity: &str, ns: &str) -> Replica {
         identity: identity.into(),
         metrics,
     }
+}
+
+/// The user a replica writes as in the audit log.
+pub fn replica_user(identity: &str) -> String {
+    format!("lk-{identity}")
+}
+
+/// A kubeconfig of the plane's that impersonates the replica's own user (in the group
+/// system:masters: the rights stay the admin's).
+fn replica_kubeconfig(plane: &std::path::Path, identity: &str) -> PathBuf {
+    let text = std::fs::read_to_string(plane).expect("plane kubeconfig");
+    let mut v: serde_json::Value = serde_saphyr::from_str(&text).expect("kubeconfig YAML");
+    if let Some(users) = v["users"].as_array_mut() {
+        for u in users {
+            u["user"]["as"] = replica_user(identity).into();
+            u["user"]["as-groups"] = serde_json::json!(["system:masters"]);
+        }
+    }
+    let path = crate::run_file(&format!("chaos-{identity}.kubeconfig"));
+    std::fs::write(&path, v.to_string()).expect("write kubeconfig");
+    path
 }
 
 /// Restarts any replica that exits, as kubelet would.
@@ -224,6 +248,15 @@ async fn setup(a: RunArgs, seed: u64) -> (World, Client) {
         .collect();
     if a.capacity > 1 {
         create_locks(&client, &ns, a.leases, a.capacity).await;
+    }
+    // Every lock's guarded objects are fenced by the API server; the holders' outcome
+    // logs start empty.
+    let locks: Vec<String> = (0..a.leases).map(|l| format!("lock-{l}")).collect();
+    crate::guarded::install(&client, &ns, &locks).await;
+    for l in 0..a.leases {
+        for h in 0..a.holders {
+            let _ = std::fs::remove_file(crate::guarded::log_path(&format!("h{l}-{h}")));
+        }
     }
     let mut w = World {
         ignore_lost: a.break_.as_deref() == Some("holder-ignores-lost"),
@@ -265,6 +298,7 @@ pub async fn run(a: RunArgs) -> std::process::ExitCode {
         .seed
         .unwrap_or_else(|| jiff::Timestamp::now().as_nanosecond() as u64);
     println!("lk-chaos: seed {seed} (replay with --seed {seed})");
+    let commit = testkit::commit();
     let (mut w, client) = setup(a, seed).await;
     let history: History = Arc::default();
     let recorder = tokio::spawn(recorder::record(
@@ -294,12 +328,13 @@ pub async fn run(a: RunArgs) -> std::process::ExitCode {
     let writes = replica_writes(&w).await;
     let obs = history.lock().expect("lock").clone();
     checker::writes_after_succession(&writes, &obs, "leasekeeper-leader", &mut report);
+    audit_view(&w, &obs, &mut report);
     recorder.abort();
     supervisor.abort();
     for r in w.replicas.lock().await.iter_mut() {
         let _ = r.child.start_kill();
     }
-    summarize(&w.args, seed, &report, &faults)
+    summarize(&w.args, seed, &commit, &report, &faults)
 }
 
 /// Faults on the seeded schedule for the run's duration; returns how many of each.
@@ -336,12 +371,141 @@ async fn inject_faults(w: &mut World, history: &History) -> BTreeMap<&'static st
     faults
 }
 
+/// The second view: the API server's audit log of the run's namespace, replayed in
+/// resourceVersion order and checked; both views must count the same grants.
+fn audit_view(w: &World, obs: &[testkit::recorder::Obs], report: &mut Report) {
+    let Some(text) = audit_text(&w.args.plane) else {
+        return;
+    };
+    let writes = audit_checks(&text, &w.ns, w.args.capacity, report);
+    guarded_outcomes(w.args.leases, w.args.holders, report);
+    let watched = obs
+        .iter()
+        .filter(|o| {
+            o.kind == testkit::recorder::Kind::Claim
+                && o.phase == Some(leasekeeper::api::Phase::Granted)
+        })
+        .filter_map(|o| Some((o.name.clone(), o.token?)))
+        .collect();
+    let unknown = testkit::audit::unknown_outcome_grants(&text, &w.ns);
+    testkit::audit::views_agree(&writes, &watched, &unknown, report);
+}
+
+/// Every audit log file in the plane's directory, concatenated; `None` (said) if none.
+fn audit_text(dir: &std::path::Path) -> Option<String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    files.retain(|p| {
+        p.file_name().is_some_and(|n| {
+            n.to_string_lossy().starts_with("audit") && n.to_string_lossy().ends_with(".log")
+        })
+    });
+    if files.is_empty() {
+        println!("lk-chaos: no audit log in {} (start the plane with LK_AUDIT=1): the audit view is skipped", dir.display());
+        return None;
+    }
+    let mut text = String::new();
+    for f in files {
+        text.push_str(&std::fs::read_to_string(&f).unwrap_or_default());
+        text.push('\n');
+    }
+    Some(text)
+}
+
+/// The audit checks of namespace `ns`; returns the replayed writes.
+fn audit_checks(
+    text: &str,
+    ns: &str,
+    capacity: u32,
+    report: &mut Report,
+) -> Vec<testkit::audit::Write> {
+    let writes = testkit::audit::parse(text, ns);
+    let operator = |user: &str| user.strip_prefix("lk-").map(String::from);
+    let capacity = usize::try_from(capacity).unwrap_or(1);
+    testkit::audit::check(&writes, operator, "leasekeeper-leader", capacity, report);
+    writes
+}
+
+/// `lk-chaos audit`: the audit view of a finished run again, from the log its plane
+/// kept (the watch view and (v) need the run itself).
+#[derive(clap::Args, Debug)]
+pub struct AuditArgs {
+    /// The run's control-plane directory (its audit log and holders' outcome logs).
+    #[arg(long)]
+    pub plane: PathBuf,
+    /// The run's namespace (`chaos-<seed % 100000>-<pid>`).
+    #[arg(long)]
+    pub namespace: String,
+    #[arg(long, default_value_t = 1)]
+    pub capacity: u32,
+    #[arg(long, default_value_t = 5)]
+    pub leases: usize,
+    #[arg(long, default_value_t = 4)]
+    pub holders: usize,
+}
+
+pub fn audit_again(a: &AuditArgs) -> std::process::ExitCode {
+    let Some(text) = audit_text(&a.plane) else {
+        return std::process::ExitCode::FAILURE;
+    };
+    let mut report = Report::default();
+    audit_checks(&text, &a.namespace, a.capacity, &mut report);
+    guarded_outcomes(a.leases, a.holders, &mut report);
+    // (v) compares with the run's watches: not judged here.
+    let checks = testkit::audit::CHECKS
+        .iter()
+        .filter(|c| **c != testkit::audit::VIEWS_DISAGREE);
+    for name in checks.chain([&WROTE_AFTER_LOSS]) {
+        let n = report.violations.get(name).map_or(0, Vec::len);
+        println!("| {name} | {n} |");
+    }
+    for (k, v) in &report.totals {
+        println!("| {k} | {v} |");
+    }
+    for (name, v) in &report.violations {
+        for e in v.iter().take(5) {
+            println!("  {name}: {e}");
+        }
+    }
+    if report.violations.values().all(Vec::is_empty) {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}
+
+/// What the API server did with the holders' writes to guarded objects: counted, and
+/// any write a holder made knowing it had lost its lock flagged (only the broken holder
+/// does that; the API server must have refused each one whose token was stale).
+fn guarded_outcomes(leases: usize, holders: usize, report: &mut Report) {
+    let ids: Vec<String> = (0..leases)
+        .flat_map(|l| (0..holders).map(move |h| format!("h{l}-{h}")))
+        .collect();
+    let ((admitted, refused), (after_admitted, after_refused)) = crate::guarded::outcomes(&ids);
+    report.count("guarded writes admitted by the API server", admitted);
+    report.count(
+        "guarded writes refused by the API server (stale token)",
+        refused,
+    );
+    if after_admitted + after_refused > 0 {
+        report.flag(
+            WROTE_AFTER_LOSS,
+            format!("{} writes after the lock was lost: {after_refused} refused by the API server, {after_admitted} admitted (a token not yet overtaken)", after_admitted + after_refused),
+        );
+    }
+}
+
+/// The broken holder's signature: writes to a guarded object after it knew its lock was
+/// lost (the API server refuses each whose token was overtaken).
+pub const WROTE_AFTER_LOSS: &str = "(d') a holder wrote a guarded object after losing its lock";
+
 /// Every write the replicas logged for this run's namespace.
 async fn replica_writes(w: &World) -> Vec<checker::Write> {
     let mut out = Vec::new();
     for r in w.replicas.lock().await.iter() {
-        let log =
-            std::fs::read_to_string(format!("target/chaos-{}.log", r.identity)).unwrap_or_default();
+        let log = std::fs::read_to_string(crate::run_file(&format!("chaos-{}.log", r.identity)))
+            .unwrap_or_default();
         out.extend(checker::parse_writes(&log, &w.ns));
     }
     out
@@ -366,6 +530,7 @@ async fn non_leader_writes(w: &World) -> Vec<String> {
 fn summarize(
     a: &RunArgs,
     seed: u64,
+    commit: &str,
     report: &Report,
     faults: &BTreeMap<&'static str, usize>,
 ) -> std::process::ExitCode {
@@ -378,7 +543,7 @@ fn summarize(
         format!("# lk-chaos summary (seed {seed})"),
         String::new(),
         format!(
-            "{} locks of capacity {}, {} holders each, {} operator replicas, {:?} of faults{control}.",
+            "{} locks of capacity {}, {} holders each, {} operator replicas, {:?} of faults{control}; commit {commit} when the run started.",
             a.leases, a.capacity, a.holders, a.replicas, a.duration
         ),
         String::new(),

@@ -9,7 +9,9 @@
 //! - [`etcd`]: writing objects into etcd directly (states no API request can make).
 //! - [`recorder`], [`checker`]: every LockClaim and Lease state a run observes, and the
 //!   mutual-exclusion checks on them (the chaos run's, reused on the real node).
+//! - [`audit`]: the same checks on the API server's own record (its audit log).
 
+pub mod audit;
 pub mod checker;
 pub mod etcd;
 pub mod history;

@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client, Resource};
-use leasekeeper::api::{LockClaim, LockClaimSpec, Phase, Renewal};
+use leasekeeper::api::{Lock, LockClaim, LockClaimSpec, LockSpec, Phase};
 use serde::de::DeserializeOwned;
 
 use crate::plane::kubectl_run;
@@ -92,18 +92,7 @@ where
 
 /// A LockClaim spec with defaults, for `lease`.
 pub fn spec(lease: &str) -> LockClaimSpec {
-    LockClaimSpec {
-        lease_name: lease.into(),
-        holder_identity: None,
-        lease_duration_seconds: 15,
-        priority: 0,
-        renewal: Renewal::Controller,
-        lock_delay_seconds: 0,
-        release: false,
-        max_hold_seconds: None,
-        ttl_seconds_after_finished: None,
-        acquire_timeout_seconds: None,
-    }
+    LockClaimSpec::for_lease(lease)
 }
 
 /// Creates a claim.
@@ -248,4 +237,52 @@ pub async fn wait_event(
         evs = events(ns);
     }
     evs
+}
+
+/// Applies the fence of `lock` in `ns` for ConfigMaps (the admission policy and its
+/// binding, as `kubectl lock fence` writes them) by server-side apply as `manager`. The
+/// API server enforces it a moment later (policies reach admission through an informer):
+/// callers probe until it does.
+pub async fn apply_fence(client: &Client, ns: &str, lock: &str, manager: &str) {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    use kube::api::{Patch, PatchParams};
+    let resources = ["configmaps".parse().expect("resource")];
+    let (policy, binding) = leasekeeper::fence::policy(ns, lock, &resources).expect("policy");
+    let name = policy.metadata.name.clone().expect("name");
+    let pp = PatchParams::apply(manager).force();
+    let typed = |mut v: serde_json::Value, kind: &str| {
+        v["apiVersion"] = "admissionregistration.k8s.io/v1".into();
+        v["kind"] = kind.into();
+        v
+    };
+    let policy = typed(
+        serde_json::to_value(&policy).expect("json"),
+        "ValidatingAdmissionPolicy",
+    );
+    Api::<ValidatingAdmissionPolicy>::all(client.clone())
+        .patch(&name, &pp, &Patch::Apply(policy))
+        .await
+        .expect("fence policy");
+    let binding = typed(
+        serde_json::to_value(&binding).expect("json"),
+        "ValidatingAdmissionPolicyBinding",
+    );
+    Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
+        .patch(&name, &pp, &Patch::Apply(binding))
+        .await
+        .expect("fence binding");
+}
+
+/// Creates Lock `name` of `capacity` in `ns`; returns the namespace's Lock API.
+pub async fn create_lock(client: &Client, ns: &str, name: &str, capacity: i32) -> Api<Lock> {
+    let api: Api<Lock> = Api::namespaced(client.clone(), ns);
+    api.create(
+        &PostParams::default(),
+        &Lock::new(name, LockSpec { capacity }),
+    )
+    .await
+    .expect("Lock");
+    api
 }

@@ -207,3 +207,138 @@ impl Drop for GarbageCollector {
         let _ = self.0.wait();
     }
 }
+
+/// The operator as a process running as the chart's ServiceAccount, with exactly the
+/// chart's RBAC for one watched namespace (what `helm install --set
+/// watchNamespace=NS` grants): tenant tests judge what that identity does, not an
+/// admin's. Stopped (SIGKILL) on drop.
+pub struct ChartOperator {
+    child: Child,
+    /// Its /metrics and probes address.
+    pub metrics_addr: String,
+}
+
+impl ChartOperator {
+    /// Applies the chart's ServiceAccount and RBAC for `ns` (release namespace
+    /// `<ns>-sys`) and starts the operator with a token of that ServiceAccount.
+    /// `bin` is the leasekeeper binary (`testkit::bin!("leasekeeper")` in a test).
+    pub async fn start(bin: &Path, client: &Client, ns: &str, gc_grace: Duration) -> ChartOperator {
+        Self::start_with(bin, client, ns, gc_grace, false).await
+    }
+
+    /// As [`ChartOperator::start`], but installed in `ns` itself (as a cluster-wide
+    /// install watches its own namespace) with leader election: its leadership Lease
+    /// `leasekeeper-leader` is in the namespace it watches.
+    pub async fn start_leading(
+        bin: &Path,
+        client: &Client,
+        ns: &str,
+        gc_grace: Duration,
+    ) -> ChartOperator {
+        Self::start_with(bin, client, ns, gc_grace, true).await
+    }
+
+    async fn start_with(
+        bin: &Path,
+        client: &Client,
+        ns: &str,
+        gc_grace: Duration,
+        leading: bool,
+    ) -> ChartOperator {
+        let sys = if leading {
+            ns.to_string()
+        } else {
+            format!("{ns}-sys")
+        };
+        crate::create_namespace(client, &sys, &[]).await;
+        crate::kubectl_stdin(&["apply", "-f", "-"], &chart_rbac(ns, &sys, leading));
+        let kc = root().join(format!("target/chart-sa-{ns}.kubeconfig"));
+        crate::token_kubeconfig(&sys, "lk-leasekeeper", &kc);
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
+        let gc = format!("{}ms", gc_grace.as_millis());
+        let identity = format!("chart-sa-{ns}");
+        let mut args = vec![
+            "--watch-namespace",
+            ns,
+            "--leader-namespace",
+            &sys,
+            "--gc-grace",
+            &gc,
+            "--identity",
+            &identity,
+            "--metrics-addr",
+            &metrics_addr,
+        ];
+        if leading {
+            args.push("--leader-elect");
+        }
+        let child = spawn_operator(bin, &kc, &identity, &args);
+        let op = ChartOperator {
+            child,
+            metrics_addr,
+        };
+        let t0 = std::time::Instant::now();
+        while scrape(&op.metrics_addr, "/readyz").await != "ready" {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "the operator as the chart's ServiceAccount did not become ready; see target/chart-sa-{ns}.log"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        op
+    }
+
+    /// The sum of metric `name`'s samples now.
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric(&scrape(&self.metrics_addr, "/metrics").await, name)
+    }
+}
+
+/// The chart's ServiceAccount and RBAC (`helm template`) for watching `ns`, released in
+/// `sys`, with the leader-election Role if `leading`. Objects outside the release
+/// namespace have one name in every test, so they get the watched namespace's.
+fn chart_rbac(ns: &str, sys: &str, leading: bool) -> String {
+    let chart = root().join("charts/leasekeeper");
+    let mut args = vec![
+        "template".to_string(),
+        "lk".to_string(),
+        chart.to_string_lossy().to_string(),
+        "-n".to_string(),
+        sys.to_string(),
+        "--set".to_string(),
+        format!("watchNamespace={ns}"),
+    ];
+    let mut templates = vec![
+        "serviceaccount.yaml",
+        "role-claims.yaml",
+        "rolebinding-claims.yaml",
+        "role-proof-key.yaml",
+        "clusterrole-crd.yaml",
+        "clusterrolebinding-crd.yaml",
+        "role-node-heartbeats.yaml",
+    ];
+    if leading {
+        templates.extend(["role-leader.yaml", "rolebinding-leader.yaml"]);
+    }
+    for t in templates {
+        args.extend(["--show-only".to_string(), format!("templates/{t}")]);
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, rbac, err) = crate::helm(&refs);
+    assert!(ok, "helm template: {err}");
+    rbac.replace(
+        "name: lk-leasekeeper-crd",
+        &format!("name: lk-leasekeeper-crd-{ns}"),
+    )
+    .replace(
+        "name: lk-leasekeeper-node-heartbeats",
+        &format!("name: lk-leasekeeper-node-heartbeats-{ns}"),
+    )
+}
+
+impl Drop for ChartOperator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -265,3 +265,24 @@ pub fn wait_can_get_metrics(ns: &str, sa: &str) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The commit checked out now (short hash), and whether tracked files differ from it:
+/// what a benchmark or chaos report names as the code it ran (read it when the run
+/// starts).
+pub fn commit() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(root())
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let dirty = if git(&["status", "--porcelain", "--untracked-files=no"]).is_empty() {
+        ""
+    } else {
+        " (with uncommitted changes)"
+    };
+    format!("{}{dirty}", git(&["rev-parse", "--short", "HEAD"]))
+}

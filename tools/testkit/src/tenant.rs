@@ -77,11 +77,11 @@ pub fn kubeconfig_as(user: &str) -> PathBuf {
     path
 }
 
-/// The path of a file in the test plane's directory (ports, pids), if it is ours.
+/// The path of a file in the test plane's directory (ports, pids), if it is there: a
+/// plane of `hack/control-plane.sh` (the default one, or one named by
+/// `LEASEKEEPER_TEST_KUBECONFIG`, as `make compat` does) keeps them beside its
+/// kubeconfig; another cluster's kubeconfig has none.
 pub fn plane_file(name: &str) -> Option<PathBuf> {
-    if std::env::var_os("LEASEKEEPER_TEST_KUBECONFIG").is_some() {
-        return None;
-    }
     let p = Path::new(kubeconfig_path()).parent()?.join(name);
     p.exists().then_some(p)
 }

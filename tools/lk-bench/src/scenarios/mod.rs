@@ -1,10 +1,12 @@
 //! The scenarios, each in its own module, run in this order when selected.
 
 mod failover;
+mod fencing;
 mod grant;
 mod handoff;
 mod idle;
 mod neighbours;
+mod node;
 mod peer;
 mod scale;
 
@@ -34,5 +36,14 @@ pub async fn run_selected(b: &Bench, r: &mut Report) {
     }
     if on(6) {
         neighbours::run(b, r).await;
+    }
+    if on(7) {
+        fencing::run(b, r).await;
+    }
+    if on(8) {
+        node::pods(b, r).await;
+    }
+    if on(9) {
+        node::routes(b, r).await;
     }
 }

@@ -6,16 +6,13 @@
 
 use std::sync::Arc;
 
-use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
 
-use super::{chaos, Context, Error, LeaseKey};
+use super::writer::WriteError;
+use super::{Context, Error, LeaseKey};
 use crate::api::{LockClaim, LockClaimStatus};
 use crate::arbiter::{self, Note, Notice, Reason, Target};
-use crate::telemetry::WriteKind;
-use crate::MANAGER;
 
 /// Records a failure of `key`'s reconcile; tells its claims once it persists.
 pub(super) async fn failed(ctx: &Context, key: &LeaseKey, e: &Error) {
@@ -48,7 +45,7 @@ pub(super) async fn succeeded(ctx: &Context, key: &LeaseKey) {
     };
     let shown_before = || {
         look && live_claims(ctx, key).iter().any(|c| {
-            c.condition(arbiter::CONDITION_RECONCILED)
+            c.condition(crate::api::CONDITION_RECONCILED)
                 .is_some_and(|x| x.status == "False")
         })
     };
@@ -127,17 +124,16 @@ async fn write_status(
     cached: &LockClaim,
     status: &impl Fn(&LockClaim) -> Option<LockClaimStatus>,
 ) {
-    let api: Api<LockClaim> = Api::namespaced(ctx.client.clone(), &key.namespace);
     let name = cached.name_any();
     let Some(st) = status(cached) else {
         return;
     };
-    match apply_status(ctx, &api, cached, &st).await {
-        Err(kube::Error::Api(s)) if s.code == 409 => {
-            let fresh = ctx.term.within(api.get_opt(&name)).await;
-            if let Some(Ok(Some(c))) = fresh {
+    match apply_status(ctx, key, cached, &st).await {
+        Err(e) if e.is_status(409) && ctx.writer.in_term() => {
+            let api: Api<LockClaim> = Api::namespaced(ctx.client.clone(), &key.namespace);
+            if let Ok(Some(c)) = api.get_opt(&name).await {
                 if let Some(st) = status(&c) {
-                    let _ = apply_status(ctx, &api, &c, &st)
+                    let _ = apply_status(ctx, key, &c, &st)
                         .await
                         .map(|rv| note_written(ctx, key, &name, rv))
                         .map_err(|e| not_written(&name, &e));
@@ -149,42 +145,23 @@ async fn write_status(
     }
 }
 
-/// One apply of `st` to claim `c` within the term; the resourceVersion it produced.
+/// One apply of `st` to claim `c` (through the writer: within the term); the
+/// resourceVersion it produced.
 async fn apply_status(
     ctx: &Context,
-    api: &Api<LockClaim>,
+    key: &LeaseKey,
     c: &LockClaim,
     st: &LockClaimStatus,
-) -> Result<Option<String>, kube::Error> {
-    let name = c.name_any();
-    let body = json!({
-        "apiVersion": "leasekeeper.io/v1alpha1",
-        "kind": "LockClaim",
-        "metadata": {"name": name, "resourceVersion": c.resource_version()},
-        "status": st,
-    });
-    let pp = PatchParams::apply(MANAGER).force();
-    if !ctx.term.is_current() {
-        return Ok(None);
-    }
-    let Some(written) = ctx
-        .term
-        .within(api.patch_status(&name, &pp, &Patch::Apply(&body)))
-        .await
-    else {
-        return Ok(None);
-    };
-    let obj = written?;
-    ctx.metrics.write(WriteKind::ClaimStatus);
+) -> Result<Option<String>, WriteError> {
+    let rv = c.resource_version();
+    let obj = ctx
+        .writer
+        .claim_status(&key.namespace, &c.name_any(), rv.as_deref(), st)
+        .await?;
     Ok(obj.resource_version())
 }
 
 fn note_written(ctx: &Context, key: &LeaseKey, name: &str, rv: Option<String>) {
-    chaos::wrote(
-        ctx.reporter.instance.as_deref(),
-        &key.namespace,
-        rv.as_deref(),
-    );
     if let Some(rv) = rv.and_then(|v| v.parse().ok()) {
         if let Some(s) = ctx.keys().get_mut(key) {
             s.claim_rvs.insert(name.to_string(), rv);
@@ -192,6 +169,6 @@ fn note_written(ctx: &Context, key: &LeaseKey, name: &str, rv: Option<String>) {
     }
 }
 
-fn not_written(name: &str, e: &kube::Error) {
+fn not_written(name: &str, e: &WriteError) {
     tracing::debug!(claim = %name, error = %e, "could not write the Reconciled condition");
 }

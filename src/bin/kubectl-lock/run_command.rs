@@ -18,16 +18,16 @@ use std::time::Duration;
 use clap::Args;
 use kube::Client;
 use leasekeeper::api::Renewal;
-use leasekeeper::client::{Guard, LockClient, LostReason};
+use leasekeeper::client::{Guard, LockClient, LockError, LostReason};
 use nix::fcntl::OFlag;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 
 use crate::reaper::{LIFE_FD, REPORT_FD};
-use crate::{fail, lock_error, options, Common, KubeArgs, EXIT_LOST};
+use crate::signals::{self, Signals};
+use crate::{fail, lock_error, options, withdrawn, Common, KubeArgs, EXIT_LOST};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -40,21 +40,17 @@ pub struct RunArgs {
 
 pub async fn run(client: Client, ns: &str, kube: &KubeArgs, a: RunArgs) -> ExitCode {
     let locks = LockClient::new(client, ns);
-    let guard = match locks
-        .acquire(&a.common.name, options(&a.common, Renewal::Holder))
-        .await
-    {
-        Ok(g) => g,
-        Err(e) => return lock_error(e),
-    };
-    // Listen before the command exists, so that a signal sent as soon as it runs is
-    // forwarded rather than ending this process by its default action.
-    let signals = match Signals::new() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("kubectl lock: cannot listen for signals: {e}");
-            Signals::none()
-        }
+    // Listen before waiting: a signal while waiting withdraws the claim; one sent as
+    // soon as the command runs is forwarded rather than ending this process.
+    let mut signals = signals::listen();
+    let mut stopped_by = None;
+    let opts = options(&a.common, Renewal::Holder);
+    let cancel = async { stopped_by = Some(signals.recv().await) };
+    let acquired = locks.acquire_or_cancel(&a.common.name, opts, cancel).await;
+    let guard = match (acquired, stopped_by) {
+        (Ok(g), _) => g,
+        (Err(LockError::Cancelled), Some(sig)) => return withdrawn(sig),
+        (Err(e), _) => return lock_error(e),
     };
     let mut reaper = match Reaper::start(kube, ns, &guard, &a) {
         Ok(r) => r,
@@ -131,43 +127,6 @@ async fn supervise(reaper: &mut Reaper, guard: &Guard, group: i32, mut signals: 
 /// the time before the Lease can be granted elsewhere (none if it already may be).
 fn kill_grace(guard: &Guard, reason: &LostReason) -> Duration {
     guard.safety_margin(reason).mul_f64(0.8)
-}
-
-/// The four signals forwarded to the command.
-struct Signals(Vec<(Signal, tokio::signal::unix::Signal)>);
-
-impl Signals {
-    fn new() -> std::io::Result<Signals> {
-        let kinds = [
-            (Signal::SIGHUP, SignalKind::hangup()),
-            (Signal::SIGINT, SignalKind::interrupt()),
-            (Signal::SIGTERM, SignalKind::terminate()),
-            (Signal::SIGQUIT, SignalKind::quit()),
-        ];
-        let mut out = Vec::new();
-        for (s, k) in kinds {
-            out.push((s, signal(k)?));
-        }
-        Ok(Signals(out))
-    }
-
-    fn none() -> Signals {
-        Signals(Vec::new())
-    }
-
-    async fn recv(&mut self) -> Signal {
-        if self.0.is_empty() {
-            return std::future::pending().await;
-        }
-        let futs = self.0.iter_mut().map(|(s, stream)| {
-            let s = *s;
-            Box::pin(async move {
-                stream.recv().await;
-                s
-            })
-        });
-        futures::future::select_all(futs).await.0
-    }
 }
 
 /// The reaper process and its report line.

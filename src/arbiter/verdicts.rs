@@ -5,19 +5,23 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use super::pods::{self, PodHold};
 use super::view::View;
 use super::{add_secs, deleting, name, Draft, End, Reason};
 use crate::api::{LockClaim, Phase, Renewal};
 
 /// How each live claim that ends in this plan ends.
 #[derive(Default)]
-pub(super) struct Ends {
+pub(super) struct Verdicts {
     by_claim: BTreeMap<String, End>,
     /// Seconds of lock delay owed by the holder's expiry in this plan.
     pub lock_delay_from_expiry: Option<i64>,
+    /// The node (and its heartbeat Lease's resourceVersion) whose silence ends the
+    /// holder's hold in this plan: read afresh before the verdict is written.
+    pub node_lost: Option<(String, Option<String>)>,
 }
 
-impl Ends {
+impl Verdicts {
     /// How `c` ends, if it does.
     pub fn of(&self, c: &LockClaim) -> Option<End> {
         self.by_claim.get(&name(c)).copied()
@@ -38,8 +42,8 @@ impl Ends {
     }
 }
 
-pub(super) fn decide(v: &View<'_>, d: &mut Draft) -> Ends {
-    let mut e = Ends::default();
+pub(super) fn judge(v: &View<'_>, d: &mut Draft) -> Verdicts {
+    let mut e = Verdicts::default();
     for c in v.live.iter().filter(|c| c.spec.release || deleting(c)) {
         e.end(c, End::Released);
     }
@@ -49,6 +53,7 @@ pub(super) fn decide(v: &View<'_>, d: &mut Draft) -> Ends {
             e.end(c, End::Expired(Reason::LeaseLost));
         }
     }
+    pods(v, d, &mut e);
     if let Some(h) = v.holder_claim.filter(|h| !e.ends(h)) {
         holder_entitlement(v, h, d, &mut e);
     }
@@ -58,13 +63,13 @@ pub(super) fn decide(v: &View<'_>, d: &mut Draft) -> Ends {
 }
 
 /// Whether `c` waits (live, not holding, not ending).
-fn waits(v: &View<'_>, e: &Ends, c: &LockClaim) -> bool {
+fn waits(v: &View<'_>, e: &Verdicts, c: &LockClaim) -> bool {
     c.phase() != Some(Phase::Granted) && !v.is_holder(c) && !e.ends(c)
 }
 
 /// Waiters whose acquireTimeoutSeconds ran out since their creation. creationTimestamp
 /// has one-second precision, so the deadline is rounded up: never early.
-fn timeouts(v: &View<'_>, d: &mut Draft, e: &mut Ends) {
+fn timeouts(v: &View<'_>, d: &mut Draft, e: &mut Verdicts) {
     let waiting: Vec<&LockClaim> = v.live.iter().copied().filter(|c| waits(v, e, c)).collect();
     for c in waiting {
         let Some(t) = c.spec.acquire_timeout_seconds.filter(|t| *t > 0) else {
@@ -84,7 +89,7 @@ fn timeouts(v: &View<'_>, d: &mut Draft, e: &mut Ends) {
 
 /// Try-lock claims (acquireTimeoutSeconds 0) that are not granted in this plan: once
 /// the grant is decided, every other one times out.
-pub(super) fn try_locks(v: &View<'_>, next: Option<&LockClaim>, e: &mut Ends) {
+pub(super) fn try_locks(v: &View<'_>, next: Option<&LockClaim>, e: &mut Verdicts) {
     let next = next.map(name);
     for c in &v.live {
         let try_lock = c.spec.acquire_timeout_seconds == Some(0);
@@ -98,7 +103,7 @@ pub(super) fn try_locks(v: &View<'_>, next: Option<&LockClaim>, e: &mut Ends) {
 /// renewal has not been observed for its own leaseDurationSeconds expires;
 /// maxHoldSeconds caps a hold. Both are judged from the claim and the operator's own
 /// observations, never from fields of the Lease the holder can edit.
-fn holder_entitlement(v: &View<'_>, h: &LockClaim, d: &mut Draft, e: &mut Ends) {
+fn holder_entitlement(v: &View<'_>, h: &LockClaim, d: &mut Draft, e: &mut Verdicts) {
     let now = v.now;
     let seen = d.plan.memory.seen.clone();
     // When the hold began, as this process remembers writing it, else as the operator
@@ -138,8 +143,47 @@ fn holder_entitlement(v: &View<'_>, h: &LockClaim, d: &mut Draft, e: &mut Ends) 
     }
 }
 
+/// Pod claims: a Pod gone or finished ends its claim (a clean end); a holder whose node
+/// has been silent for the claim's duration loses the Lease (NodeLost, lock delay).
+fn pods(v: &View<'_>, d: &mut Draft, e: &mut Verdicts) {
+    if !v.input.config.pods {
+        return;
+    }
+    let pod_claims: Vec<&LockClaim> = v
+        .live
+        .iter()
+        .copied()
+        .filter(|c| c.spec.renewal == Renewal::Pod && !e.ends(c))
+        .collect();
+    for c in pod_claims {
+        let pod = pods::pod_of(v.input.pods, c, &c.spec.lease_name);
+        match pods::hold(pod, c, v.now.mono) {
+            PodHold::Ended { gone } => {
+                let why = if gone {
+                    Reason::PodGone
+                } else {
+                    Reason::PodFinished
+                };
+                e.end(c, End::PodEnded(why));
+            }
+            PodHold::NodeLost {
+                node,
+                resource_version,
+            } if v.is_holder(c) => {
+                e.end(c, End::Expired(Reason::NodeLost));
+                e.node_lost = Some((node, resource_version));
+                if c.spec.lock_delay_seconds > 0 {
+                    e.lock_delay_from_expiry = Some(i64::from(c.spec.lock_delay_seconds));
+                }
+            }
+            PodHold::Alive { until: Some(t) } if v.is_holder(c) => d.due.at(v.now.mono, t),
+            _ => {}
+        }
+    }
+}
+
 /// Duplicate identities among claims that stay live: keep the holder, else the oldest.
-fn duplicates(v: &View<'_>, e: &mut Ends) {
+fn duplicates(v: &View<'_>, e: &mut Verdicts) {
     let mut by_identity: HashMap<String, Vec<&LockClaim>> = HashMap::new();
     for c in v.live.iter().filter(|c| !e.ends(c)) {
         by_identity.entry(c.identity()).or_default().push(c);

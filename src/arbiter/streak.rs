@@ -11,10 +11,8 @@ use jiff::Timestamp;
 
 use super::status::{base, set_condition};
 use super::Reason;
-use crate::api::{LockClaim, LockClaimStatus, Phase, CONDITION_GRANTED};
+use crate::api::{LockClaim, LockClaimStatus, Phase, CONDITION_GRANTED, CONDITION_RECONCILED};
 
-/// The condition type that turns False while reconciles of the claim's lock keep failing.
-pub const CONDITION_RECONCILED: &str = "Reconciled";
 /// Failures in a row, for one reason, that make a failure persistent.
 pub const PERSISTENT_FAILURES: u32 = 3;
 /// At most this many claims of one lock are told (holders first, then the head of the
@@ -324,7 +322,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(super::super::proptests::config())]
+        #![proptest_config(crate::arbiter::model::proptests::config())]
         /// Over any sequence of outcomes: a Failing notice comes exactly when a reason
         /// reaches its third failure in a row, and Recovered exactly at the first success
         /// after some Failing notice.

@@ -1,7 +1,9 @@
-//! A model of the API server for testing the arbiter: claims and one Lease with
-//! resourceVersions drawn from one global revision (as etcd does), preconditions
-//! enforced on every write, finalizers, and the invariants of docs/design.md checked after
-//! every single write, which is every moment a watcher could observe.
+//! The single-Lease driver of the model API server ([`super::server`]): one Lease and its
+//! claims, decided by `decide_lease` (the per-Lease entry point) and applied step by
+//! step with the preconditions the executor sends, holders that renew on their own
+//! clock, outsiders that write the Lease, Pods that ask for it; the invariants of
+//! docs/design.md checked after every single write, which is every moment a watcher
+//! could observe.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -11,11 +13,11 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use kube::api::ObjectMeta;
 
-use super::{decide, Config, Input, Memory, Now, Plan, Step};
-use crate::api::{LockClaim, LockClaimSpec, Phase, Renewal};
-use crate::FINALIZER;
+use super::server::{Conflict, Server, NS};
+use crate::api::FINALIZER;
+use crate::api::{LockClaim, LockClaimSpec, Phase};
+use crate::arbiter::{decide_lease, Config, Input, Memory, Plan, Step};
 
-pub const NS: &str = "ns";
 pub const LEASE: &str = "lease";
 
 /// A holder process that renews the Lease while it names it.
@@ -28,15 +30,12 @@ pub struct HolderProc {
 }
 
 pub struct World {
-    pub claims: BTreeMap<String, LockClaim>,
-    pub lease: Option<Lease>,
-    pub rv: u64,
-    pub wall: Timestamp,
-    pub mono: Duration,
+    /// The model API server: claims, the Lease (named [`LEASE`]), revisions, clocks.
+    pub server: Server,
     pub memory: Memory,
     pub config: Config,
     pub max_token: i64,
-    pub notes: Vec<super::Note>,
+    pub notes: Vec<crate::arbiter::Note>,
     /// Holders that renew in time: none of them may ever be expired.
     pub healthy: BTreeMap<String, HolderProc>,
     /// Invariant violations seen while applying writes.
@@ -45,6 +44,13 @@ pub struct World {
     pub grants: usize,
     /// An outsider wrote the Lease since the operator last completed a plan.
     pub outsider_dirty: bool,
+    /// Whether the Lease that exists now was created by the operator (which stamps its
+    /// proof of creation on it): garbage collection may delete no other.
+    pub created_by_operator: bool,
+    /// Pods that ask for the lock.
+    pub pods: Vec<crate::arbiter::PodView>,
+    /// Pods opened (gate removed), with the token written into them, in order.
+    pub opened: Vec<(String, i64)>,
     /// The model's negative control: `false` drops the resourceVersion precondition
     /// from Lease writes (and the check before an expiry), as the operator's
     /// `no-precondition` sabotage does.
@@ -55,24 +61,17 @@ pub struct World {
     pub panic_on_violation: bool,
 }
 
-#[derive(Debug, PartialEq, Eq)]
-pub struct Conflict;
-
 impl Default for World {
     fn default() -> Self {
         World {
-            claims: BTreeMap::new(),
-            lease: None,
-            rv: 100,
-            // Off a whole second, so that the API's one-second truncation of metav1.Time shows.
-            wall: Timestamp::from_millisecond(1_800_000_000_700).expect("valid"),
-            mono: Duration::from_secs(1000),
+            server: Server::default(),
             memory: Memory::default(),
             config: Config {
                 gc_grace: Duration::from_secs(60),
                 // Small, so that histories reach past the exact positions.
                 exact_positions: 3,
                 position_delay: Duration::from_secs(1),
+                pods: true,
             },
             max_token: 0,
             notes: Vec::new(),
@@ -81,87 +80,49 @@ impl Default for World {
             writes: 0,
             grants: 0,
             outsider_dirty: false,
+            created_by_operator: false,
+            pods: Vec::new(),
+            opened: Vec::new(),
             lease_precondition: true,
             panic_on_violation: true,
         }
     }
 }
 
+impl std::ops::Deref for World {
+    type Target = Server;
+    fn deref(&self) -> &Server {
+        &self.server
+    }
+}
+
+impl std::ops::DerefMut for World {
+    fn deref_mut(&mut self) -> &mut Server {
+        &mut self.server
+    }
+}
+
 pub fn spec(lease_duration: i32) -> LockClaimSpec {
     LockClaimSpec {
-        lease_name: LEASE.into(),
-        holder_identity: None,
         lease_duration_seconds: lease_duration,
-        priority: 0,
-        renewal: Renewal::Controller,
-        lock_delay_seconds: 0,
-        release: false,
-        max_hold_seconds: None,
-        ttl_seconds_after_finished: None,
-        acquire_timeout_seconds: None,
+        ..LockClaimSpec::for_lease(LEASE)
     }
 }
 
 impl World {
-    fn next_rv(&mut self) -> String {
-        self.rv += 1;
-        self.rv.to_string()
+    /// The Lease, if it exists.
+    pub fn lease(&self) -> Option<&Lease> {
+        self.server.leases.get(LEASE)
     }
 
-    pub fn now(&self) -> Now {
-        Now {
-            wall: self.wall,
-            mono: self.mono,
-        }
-    }
-
-    pub fn create(&mut self, name: &str, spec: LockClaimSpec) {
-        let mut c = LockClaim::new(name, spec);
-        c.metadata.namespace = Some(NS.into());
-        c.metadata.generation = Some(1);
-        // creationTimestamp has one-second precision in Kubernetes: ties happen.
-        let secs = self.wall.as_second();
-        c.metadata.creation_timestamp = Some(Time(Timestamp::from_second(secs).expect("valid")));
-        c.metadata.resource_version = Some(self.next_rv());
-        c.metadata.uid = Some(format!("uid-{}", self.rv));
-        self.claims.insert(name.into(), c);
-    }
-
-    pub fn delete(&mut self, name: &str) {
-        let Some(c) = self.claims.get_mut(name) else {
-            return;
-        };
-        if c.metadata
-            .finalizers
-            .as_ref()
-            .is_some_and(|f| !f.is_empty())
-        {
-            if c.metadata.deletion_timestamp.is_none() {
-                c.metadata.deletion_timestamp = Some(Time(self.wall));
-                self.rv += 1;
-                c.metadata.resource_version = Some(self.rv.to_string());
-            }
-        } else {
-            self.claims.remove(name);
-        }
-    }
-
-    pub fn release(&mut self, name: &str) {
-        let rv = self.next_rv();
-        if let Some(c) = self.claims.get_mut(name) {
-            if !c.spec.release {
-                c.spec.release = true;
-                c.metadata.generation = Some(c.metadata.generation.unwrap_or(1) + 1);
-                c.metadata.resource_version = Some(rv);
-            }
-        }
+    pub fn lease_mut(&mut self) -> Option<&mut Lease> {
+        self.server.leases.get_mut(LEASE)
     }
 
     /// A holder renews: only while the Lease names it, with its resourceVersion.
     pub fn renew(&mut self, identity: &str, skew_secs: i64) -> bool {
         let names_it = self
-            .lease
-            .as_ref()
+            .lease()
             .and_then(|l| l.spec.as_ref())
             .and_then(|s| s.holder_identity.as_deref())
             == Some(identity);
@@ -171,9 +132,9 @@ impl World {
         let t = self
             .wall
             .checked_add(jiff::SignedDuration::from_secs(skew_secs))
-            .unwrap_or(self.wall);
-        let rv = self.next_rv();
-        if let Some(l) = self.lease.as_mut() {
+            .unwrap_or(self.server.wall);
+        let rv = self.server.next_rv();
+        if let Some(l) = self.server.leases.get_mut(LEASE) {
             if let Some(s) = l.spec.as_mut() {
                 s.renew_time = Some(MicroTime(t));
             }
@@ -185,23 +146,30 @@ impl World {
     /// Someone outside leasekeeper (with Lease write) writes the Lease: edits ours, or
     /// creates one of its own, labelled to allow a takeover if `allow_takeover`.
     pub fn outsider_write(&mut self, holder: Option<&str>, duration: i32, allow_takeover: bool) {
-        let rv = self.next_rv();
-        let wall = self.wall;
-        let l = self.lease.get_or_insert_with(|| Lease {
-            metadata: ObjectMeta {
-                name: Some(LEASE.into()),
-                namespace: Some(NS.into()),
-                labels: allow_takeover.then(|| {
-                    [(
-                        crate::TAKEOVER_LABEL.to_string(),
-                        crate::TAKEOVER_ALLOWED.to_string(),
-                    )]
-                    .into()
-                }),
-                ..ObjectMeta::default()
-            },
-            spec: Some(LeaseSpec::default()),
-        });
+        let rv = self.server.next_rv();
+        let wall = self.server.wall;
+        if self.lease().is_none() {
+            self.created_by_operator = false;
+        }
+        let l = self
+            .server
+            .leases
+            .entry(LEASE.to_string())
+            .or_insert_with(|| Lease {
+                metadata: ObjectMeta {
+                    name: Some(LEASE.into()),
+                    namespace: Some(NS.into()),
+                    labels: allow_takeover.then(|| {
+                        [(
+                            crate::api::TAKEOVER_LABEL.to_string(),
+                            crate::api::TAKEOVER_ALLOWED.to_string(),
+                        )]
+                        .into()
+                    }),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(LeaseSpec::default()),
+            });
         l.metadata.resource_version = Some(rv);
         self.outsider_dirty = true;
         let s = l.spec.get_or_insert_with(LeaseSpec::default);
@@ -213,9 +181,9 @@ impl World {
     /// The holder edits fields of its Lease the operator must not trust: the duration
     /// and the acquireTime (pushed a day ahead).
     pub fn holder_stretches_lease(&mut self) {
-        let rv = self.next_rv();
-        let later = self.wall + jiff::SignedDuration::from_hours(24);
-        if let Some(s) = self.lease.as_mut().and_then(|l| {
+        let rv = self.server.next_rv();
+        let later = self.server.wall + jiff::SignedDuration::from_hours(24);
+        if let Some(s) = self.server.leases.get_mut(LEASE).and_then(|l| {
             l.metadata.resource_version = Some(rv);
             l.spec.as_mut()
         }) {
@@ -224,25 +192,32 @@ impl World {
         }
     }
 
-    /// A claim deleted and created again under the same name (a new uid), seen at once.
-    pub fn recreate(&mut self, name: &str) {
-        let Some(spec) = self.claims.get(name).map(|c| c.spec.clone()) else {
-            return;
-        };
-        self.claims.remove(name);
-        self.create(name, spec);
+    /// Someone who may update (not delete) the Lease labels it as leasekeeper's.
+    pub fn forge_managed_label(&mut self) {
+        let rv = self.server.next_rv();
+        if let Some(l) = self.server.leases.get_mut(LEASE) {
+            l.metadata.resource_version = Some(rv);
+            l.metadata
+                .labels
+                .get_or_insert_with(Default::default)
+                .insert(
+                    crate::api::MANAGED_BY_LABEL.to_string(),
+                    crate::api::MANAGED_BY_VALUE.to_string(),
+                );
+            self.outsider_dirty = true;
+        }
     }
 
     pub fn delete_lease(&mut self) {
-        if self.lease.take().is_some() {
-            self.rv += 1;
+        if self.server.leases.remove(LEASE).is_some() {
+            self.server.rv += 1;
             self.outsider_dirty = true;
         }
     }
 
     /// Advances both clocks, letting healthy holders renew on their schedule.
     pub fn advance(&mut self, d: Duration) {
-        let target = self.mono + d;
+        let target = self.server.mono + d;
         loop {
             let next = self
                 .healthy
@@ -251,25 +226,25 @@ impl World {
                 .filter(|n| *n <= target)
                 .min();
             let Some(at) = next else { break };
-            self.step_clock(at.saturating_sub(self.mono));
+            self.step_clock(at.saturating_sub(self.server.mono));
             let due: Vec<HolderProc> = self
                 .healthy
                 .values()
-                .filter(|h| h.next <= self.mono)
+                .filter(|h| h.next <= self.server.mono)
                 .cloned()
                 .collect();
             for h in due {
                 self.renew(&h.identity, h.skew_secs);
                 if let Some(p) = self.healthy.get_mut(&h.identity) {
-                    p.next = self.mono + p.every;
+                    p.next = self.server.mono + p.every;
                 }
             }
         }
-        self.step_clock(target.saturating_sub(self.mono));
+        self.step_clock(target.saturating_sub(self.server.mono));
     }
 
     fn step_clock(&mut self, d: Duration) {
-        step_clock(&mut self.wall, &mut self.mono, d);
+        self.server.step_clock(d);
     }
 
     /// Forgets everything in memory, as a restarted (or newly elected) operator would.
@@ -278,29 +253,37 @@ impl World {
     }
 
     pub fn plan(&self) -> Plan {
-        let claims: Vec<&LockClaim> = self.claims.values().collect();
-        decide(&Input {
+        let claims: Vec<&LockClaim> = self.server.claims.values().collect();
+        let mut plan = decide_lease(&Input {
             lease_name: LEASE,
             slot: 0,
             claims: &claims,
-            lease: self.lease.as_ref(),
+            lease: self.lease(),
+            lease_proven: self.created_by_operator,
+            pods: &self.pods,
             memory: &self.memory,
-            now: self.now(),
+            now: self.server.now(),
             config: self.config,
-        })
+        });
+        // As the lock-level decide does: a gated Pod without a claim gets one first.
+        let created = crate::arbiter::pods::missing_claims(&self.pods, &claims, LEASE);
+        plan.steps.splice(0..0, created);
+        plan
     }
 
     /// Decides from a cache whose Lease is `lease` (perhaps older than the claims), as
     /// an operator whose Lease watch lags its claim watch would.
     pub fn plan_with_lease(&self, lease: Option<&Lease>) -> Plan {
-        let claims: Vec<&LockClaim> = self.claims.values().collect();
-        decide(&Input {
+        let claims: Vec<&LockClaim> = self.server.claims.values().collect();
+        decide_lease(&Input {
             lease_name: LEASE,
             slot: 0,
             claims: &claims,
             lease,
+            lease_proven: self.created_by_operator,
+            pods: &self.pods,
             memory: &self.memory,
-            now: self.now(),
+            now: self.server.now(),
             config: self.config,
         })
     }
@@ -316,7 +299,7 @@ impl World {
     /// Decides and applies the whole plan; panics on an invariant violation.
     pub fn reconcile(&mut self) -> Plan {
         let plan = self.plan();
-        let snapshot = self.rvs();
+        let snapshot = self.server.rvs();
         self.apply(&plan, &snapshot, usize::MAX);
         plan
     }
@@ -333,7 +316,8 @@ impl World {
         }
         panic!(
             "did not settle in 10 rounds; last plan: {last:#?}\nclaims: {:#?}\nlease: {:#?}",
-            self.claims, self.lease
+            self.server.claims,
+            self.lease()
         );
     }
 
@@ -348,18 +332,6 @@ impl World {
             self.advance(self.config.position_delay);
         }
         panic!("queue positions still deferred after 10 rounds");
-    }
-
-    pub fn rvs(&self) -> HashMap<String, String> {
-        self.claims
-            .iter()
-            .map(|(n, c)| {
-                (
-                    n.clone(),
-                    c.metadata.resource_version.clone().unwrap_or_default(),
-                )
-            })
-            .collect()
     }
 
     /// Applies up to `limit` steps of `plan`, decided when claims had the resourceVersions
@@ -378,7 +350,8 @@ impl World {
             if let Err(e) = self.check() {
                 let msg = format!(
                     "invariant violated after step {i} {step:#?}: {e}\nclaims: {:#?}\nlease: {:#?}",
-                    self.claims, self.lease
+                    self.server.claims,
+                    self.lease()
                 );
                 self.violated(msg);
                 return false;
@@ -389,27 +362,16 @@ impl World {
             matches!(
                 s,
                 Step::WriteLease {
-                    kind: super::LeaseWriteKind::Create | super::LeaseWriteKind::Grant,
+                    kind: crate::arbiter::LeaseWriteKind::Create
+                        | crate::arbiter::LeaseWriteKind::Grant,
                     ..
                 }
             )
         }) {
-            self.memory.rebase_grant(self.mono);
+            self.memory.rebase_grant(self.server.mono);
         }
         self.outsider_dirty = false;
         true
-    }
-
-    fn claim_precondition(
-        &mut self,
-        name: &str,
-        rvs: &HashMap<String, String>,
-    ) -> Result<&mut LockClaim, Conflict> {
-        let c = self.claims.get_mut(name).ok_or(Conflict)?;
-        if rvs.get(name) != c.metadata.resource_version.as_ref() {
-            return Err(Conflict);
-        }
-        Ok(c)
     }
 
     fn apply_step(
@@ -418,7 +380,7 @@ impl World {
         rvs: &mut HashMap<String, String>,
         last_lease_rv: &mut Option<i64>,
     ) -> Result<(), Conflict> {
-        let next_rv = (self.rv + 1).to_string();
+        let next_rv = (self.server.rv + 1).to_string();
         match step {
             Step::Event(n) => {
                 self.notes.push(n.clone());
@@ -427,8 +389,7 @@ impl World {
             Step::VerifyLease { .. } if !self.lease_precondition => return Ok(()),
             Step::VerifyLease { resource_version } => {
                 let have = self
-                    .lease
-                    .as_ref()
+                    .lease()
                     .and_then(|l| l.metadata.resource_version.clone());
                 return if &have == resource_version {
                     Ok(())
@@ -437,7 +398,7 @@ impl World {
                 };
             }
             Step::AddFinalizer { claim } => {
-                let c = self.claim_precondition(claim, rvs)?;
+                let c = self.server.claim_precondition(claim, rvs)?;
                 c.metadata
                     .finalizers
                     .get_or_insert_with(Vec::new)
@@ -451,7 +412,7 @@ impl World {
                 fill_token,
             } => {
                 let max_token = self.max_token;
-                let c = self.claim_precondition(claim, rvs)?;
+                let c = self.server.claim_precondition(claim, rvs)?;
                 let mut st = status.clone();
                 if *fill_token {
                     st.fencing_token = *last_lease_rv;
@@ -465,7 +426,7 @@ impl World {
                     && st
                         .conditions
                         .iter()
-                        .any(|x| x.reason == super::Reason::Expired.as_str());
+                        .any(|x| x.reason == crate::arbiter::Reason::Expired.as_str());
                 let identity = c.identity();
                 let timed_out_holding = st.phase == Some(Phase::TimedOut) && was_granted;
                 let try_lock_queued =
@@ -474,7 +435,7 @@ impl World {
                     && st
                         .conditions
                         .iter()
-                        .any(|x| x.reason == super::Reason::LeaseLost.as_str());
+                        .any(|x| x.reason == crate::arbiter::Reason::LeaseLost.as_str());
                 c.status = Some(st);
                 c.metadata.resource_version = Some(next_rv.clone());
                 rvs.insert(claim.clone(), next_rv);
@@ -506,8 +467,7 @@ impl World {
             Step::WriteLease { lease, .. } => {
                 let want = lease.metadata.resource_version.clone();
                 let have = self
-                    .lease
-                    .as_ref()
+                    .lease()
                     .and_then(|l| l.metadata.resource_version.clone());
                 match (&want, &have) {
                     (None, None) => {}
@@ -517,24 +477,32 @@ impl World {
                 }
                 // The write lands: the Lease it replaces must have been ours to write.
                 self.check_writable();
+                if have.is_none() {
+                    self.created_by_operator = true;
+                }
                 let mut l = (**lease).clone();
                 l.metadata.resource_version = Some(next_rv.clone());
                 *last_lease_rv = next_rv.parse().ok();
-                self.lease = Some(l);
+                self.server.leases.insert(LEASE.to_string(), l);
             }
             Step::DeleteLease { resource_version } => {
                 let have = self
-                    .lease
-                    .as_ref()
+                    .lease()
                     .and_then(|l| l.metadata.resource_version.clone());
                 if have.as_ref() != Some(resource_version) {
                     return Err(Conflict);
                 }
                 self.check_writable();
-                self.lease = None;
+                if !self.created_by_operator {
+                    self.violated(format!(
+                        "deleted a Lease leasekeeper cannot prove it created: {:?}",
+                        self.lease()
+                    ));
+                }
+                self.server.leases.remove(LEASE);
             }
             Step::RemoveFinalizer { claim } => {
-                let c = self.claim_precondition(claim, rvs)?;
+                let c = self.server.claim_precondition(claim, rvs)?;
                 if let Some(f) = c.metadata.finalizers.as_mut() {
                     f.retain(|x| x != FINALIZER);
                 }
@@ -543,16 +511,54 @@ impl World {
                 if c.metadata.deletion_timestamp.is_some()
                     && c.metadata.finalizers.as_ref().is_none_or(|f| f.is_empty())
                 {
-                    self.claims.remove(claim);
+                    self.server.claims.remove(claim);
                 }
             }
             Step::DeleteClaim { claim } => {
-                self.delete(claim);
+                self.server.delete(claim);
                 self.writes += 1;
                 return Ok(());
             }
+            Step::CreateClaim { claim } => {
+                let name = claim.metadata.name.clone().unwrap_or_default();
+                if self.server.claims.contains_key(&name) {
+                    return Err(Conflict);
+                }
+                self.server.create(&name, claim.spec.clone());
+                self.writes += 1;
+                return Ok(());
+            }
+            Step::OpenPod {
+                pod,
+                resource_version,
+                token,
+                fill_token,
+                ..
+            } => {
+                let token = if *fill_token { *last_lease_rv } else { *token };
+                let p = self
+                    .pods
+                    .iter_mut()
+                    .find(|p| p.name == *pod)
+                    .ok_or(Conflict)?;
+                if p.resource_version != *resource_version {
+                    return Err(Conflict);
+                }
+                p.gated = false;
+                p.resource_version = next_rv.clone();
+                self.opened.push((pod.clone(), token.unwrap_or_default()));
+                // A Pod opened without the lock its claim holds would run unlocked.
+                let granted =
+                    self.server.claims.values().any(|c| {
+                        c.identity() == *pod && c.phase() == Some(crate::api::Phase::Granted)
+                    });
+                if !granted {
+                    self.violated(format!("opened Pod {pod} whose claim is not Granted"));
+                }
+            }
+            Step::VerifyNode { .. } => return Ok(()),
         }
-        self.rv += 1;
+        self.server.rv += 1;
         self.writes += 1;
         Ok(())
     }
@@ -560,10 +566,10 @@ impl World {
     /// A claim never makes the operator write a Lease it did not create (unless its owner
     /// allowed a takeover).
     fn check_writable(&mut self) {
-        if !super::writable(self.lease.as_ref()) {
+        if !crate::arbiter::writable(self.lease()) {
             self.violated(format!(
                 "wrote a Lease leasekeeper did not create: {:?}",
-                self.lease
+                self.lease()
             ));
         }
     }
@@ -571,6 +577,7 @@ impl World {
     /// The invariants that hold at every observable moment.
     pub fn check(&self) -> Result<(), String> {
         let granted: Vec<&LockClaim> = self
+            .server
             .claims
             .values()
             .filter(|c| c.phase() == Some(Phase::Granted))
@@ -586,16 +593,14 @@ impl World {
             ));
         }
         let holder = self
-            .lease
-            .as_ref()
+            .lease()
             .and_then(|l| l.spec.as_ref())
             .and_then(|s| s.holder_identity.clone());
         if let Some(g) = granted.first().filter(|_| !self.outsider_dirty) {
             let annotated = self
-                .lease
-                .as_ref()
+                .lease()
                 .and_then(|l| l.metadata.annotations.as_ref())
-                .and_then(|a| a.get(super::CLAIM_ANNOTATION));
+                .and_then(|a| a.get(crate::api::CLAIM_ANNOTATION));
             if annotated != g.metadata.name.as_ref() {
                 return Err(format!(
                     "claim {:?} Granted but the Lease's grant names {annotated:?}: only our own write makes a holder",
@@ -622,21 +627,22 @@ impl World {
     pub fn check_settled(&self) -> Result<(), String> {
         self.check()?;
         let holder = self
-            .lease
-            .as_ref()
+            .lease()
             .and_then(|l| l.spec.as_ref())
             .and_then(|s| s.holder_identity.clone())
             .filter(|h| !h.is_empty());
         let granted = self
+            .server
             .claims
             .values()
             .find(|c| c.phase() == Some(Phase::Granted));
-        let managed = self.lease.as_ref().is_some_and(super::is_managed);
+        let managed = self.lease().is_some_and(crate::arbiter::is_managed);
         if managed && granted.is_none() {
             if let Some(h) = &holder {
                 // Our grant to a claim that is no longer Granted must have been cleared
                 // or handed on (an outsider's write is another matter).
                 if self
+                    .server
                     .claims
                     .iter()
                     .any(|(n, c)| self.grant_names(n, &c.identity()))
@@ -648,6 +654,7 @@ impl World {
             }
         }
         let mut waiting: Vec<&LockClaim> = self
+            .server
             .claims
             .values()
             .filter(|c| c.metadata.deletion_timestamp.is_none())
@@ -655,7 +662,7 @@ impl World {
                 !c.phase().is_some_and(Phase::is_terminal) && c.phase() != Some(Phase::Granted)
             })
             .collect();
-        waiting.sort_by(|a, b| super::queue_cmp(a, b));
+        waiting.sort_by(|a, b| crate::arbiter::queue_cmp(a, b));
         let exact = i32::try_from(self.config.exact_positions).unwrap_or(i32::MAX);
         for (i, c) in waiting.iter().enumerate() {
             let st = c
@@ -691,26 +698,25 @@ impl World {
     /// Whether the Lease is our grant to claim `name` (annotation) holding `identity`.
     pub fn grant_names(&self, name: &str, identity: &str) -> bool {
         let annotated = self
-            .lease
-            .as_ref()
+            .lease()
             .and_then(|l| l.metadata.annotations.as_ref())
-            .and_then(|a| a.get(super::CLAIM_ANNOTATION));
+            .and_then(|a| a.get(crate::api::CLAIM_ANNOTATION));
         self.holder().as_deref() == Some(identity) && annotated.map(String::as_str) == Some(name)
     }
 
     pub fn phase(&self, name: &str) -> Option<Phase> {
-        self.claims.get(name).and_then(|c| c.phase())
+        self.server.claims.get(name).and_then(|c| c.phase())
     }
 
     pub fn holder(&self) -> Option<String> {
-        self.lease
-            .as_ref()
+        self.lease()
             .and_then(|l| l.spec.as_ref())
             .and_then(|s| s.holder_identity.clone())
     }
 
     pub fn status(&self, name: &str) -> crate::api::LockClaimStatus {
-        self.claims
+        self.server
+            .claims
             .get(name)
             .and_then(|c| c.status.clone())
             .unwrap_or_default()
@@ -735,12 +741,4 @@ fn truncate_to_seconds(st: &mut crate::api::LockClaimStatus) {
     {
         t(x);
     }
-}
-
-/// Moves a model's two clocks (wall and monotonic) on by `d` together.
-pub fn step_clock(wall: &mut Timestamp, mono: &mut Duration, d: Duration) {
-    *mono += d;
-    *wall = wall
-        .checked_add(jiff::SignedDuration::try_from(d).unwrap_or_default())
-        .unwrap_or(*wall);
 }

@@ -1,13 +1,14 @@
 //! Locks with capacity: one test per rule, then property tests over random histories
 //! with the lock's invariants checked after every write, and a negative control.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use proptest::prelude::*;
 
-use super::sim_lock::{holder_spec, spec, LockWorld, LOCK};
-use super::{decide, Input, Step};
-use crate::api::{LockClaim, Phase};
+use super::lock_world::{holder_spec, spec, LockWorld, LOCK};
+use crate::api::{LockClaim, LockClaimSpec, Phase};
+use crate::arbiter::{decide_lease, Input, Step};
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
@@ -253,13 +254,15 @@ fn capacity_one_without_slots_is_exactly_the_single_lease_arbiter() {
     claims(&mut w, 3);
     let plan = w.plan();
     let claims: Vec<&LockClaim> = w.claims.values().collect();
-    let single = decide(&Input {
+    let single = decide_lease(&Input {
         lease_name: LOCK,
         slot: 0,
         claims: &claims,
         lease: None,
+        lease_proven: false,
+        pods: &[],
         memory: &Default::default(),
-        now: super::Now {
+        now: crate::arbiter::Now {
             wall: w.wall,
             mono: w.mono,
         },
@@ -434,4 +437,44 @@ fn the_lock_model_catches_grants_written_first_in_random_histories() {
         history(&ops, true)
     });
     assert!(result.is_err(), "no history broke the capacity invariant");
+}
+
+#[test]
+fn a_claim_on_a_reserved_slot_name_is_rejected_and_its_lease_never_written() {
+    // leaseName `pool-slot-1` is slot 1 of lock `pool`: a second key must not
+    // arbitrate that Lease (a legacy claim from before the CRD refused the name).
+    let mut c = LockClaim::new("legacy", LockClaimSpec::for_lease("pool-slot-1"));
+    c.metadata.namespace = Some("ns".into());
+    c.metadata.uid = Some("u".into());
+    let claims = [&c];
+    let plan = crate::arbiter::decide(&crate::arbiter::LockInput {
+        lock_name: "pool-slot-1",
+        capacity: 1,
+        claims: &claims,
+        leases: &BTreeMap::new(),
+        proven: &Default::default(),
+        pods: &[],
+        memory: &Default::default(),
+        now: crate::arbiter::Now {
+            wall: jiff::Timestamp::from_second(1_800_000_000).expect("t"),
+            mono: secs(10),
+        },
+        config: Default::default(),
+    });
+    assert!(
+        plan.steps
+            .iter()
+            .all(|s| matches!(s.step, Step::SetStatus { .. } | Step::Event(_))),
+        "only the claim is written: {:#?}",
+        plan.steps
+    );
+    let Step::SetStatus { status, .. } = &plan.steps[0].step else {
+        panic!("a status first")
+    };
+    assert_eq!(status.phase, Some(Phase::Rejected));
+    assert!(crate::arbiter::reserved_slot_name("pool-slot-1"));
+    assert!(
+        !crate::arbiter::reserved_slot_name("pool-slot-x")
+            && !crate::arbiter::reserved_slot_name("slot-1")
+    );
 }

@@ -1,6 +1,6 @@
-//! Locks with capacity: a lock of capacity N is N slot Leases (slot 0 named like the
-//! lock, slot i `<lock>-slot-<i>`), each arbitrated by [`decide`] exactly as a single
-//! Lease is. [`decide_lock`] composes them:
+//! The arbiter's entry point, [`decide`]: one lock. A lock of capacity N is N slot
+//! Leases (slot 0 named like the lock, slot i `<lock>-slot-<i>`), each arbitrated by
+//! [`decide_lease`] exactly as a single Lease is. [`decide`] composes them:
 //! 1. every claim that holds, held or lost a slot stays with that slot ("home");
 //! 2. each slot is decided with its home claims only, which says whether it is free;
 //! 3. the first waiters in queue order get the free slots below the capacity, lowest
@@ -12,16 +12,17 @@
 //!    no more claims are Granted than the capacity allowed when they were granted.
 //!
 //! A lock of capacity 1 with no slot above 0 in play is exactly a single Lease: one
-//! call of [`decide`] with every claim.
+//! call of [`decide_lease`] with every claim.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 
+use super::pods::{self, PodView};
 use super::{
-    add_secs, created, decide, deleting, lease, name, queue_cmp, status, Config, Input, Memory,
-    Note, Now, Outcome, Plan, Reason, Step, Target,
+    add_secs, created, decide_lease, deleting, lease, name, queue_cmp, status, Config, Input,
+    Memory, Note, Now, Outcome, Plan, Reason, Step, Target,
 };
 use crate::api::{slot_lease, LockClaim, LockClaimStatus, Phase, CONDITION_GRANTED};
 
@@ -35,6 +36,11 @@ pub struct LockInput<'a> {
     pub claims: &'a [&'a LockClaim],
     /// The lock's slot Leases as read, by slot; absent ones are missing.
     pub leases: &'a BTreeMap<u32, &'a Lease>,
+    /// The slots whose Lease carries the operator's proof of creation (only those are
+    /// ever garbage-collected).
+    pub proven: &'a BTreeSet<u32>,
+    /// The Pods that ask for the lock (label `leasekeeper.io/lock`).
+    pub pods: &'a [PodView],
     /// What this process remembers, per slot.
     pub memory: &'a LockMemory,
     /// The time.
@@ -107,10 +113,59 @@ impl LockPlan {
 }
 
 /// Decides what to write for one lock (see the module documentation).
-pub fn decide_lock(input: &LockInput<'_>) -> LockPlan {
-    if is_single(input) {
-        return single(input);
+pub fn decide(input: &LockInput<'_>) -> LockPlan {
+    if reserved_slot_name(input.lock_name) {
+        return reject_all(input);
     }
+    let mut plan = if is_single(input) {
+        single(input)
+    } else {
+        several(input)
+    };
+    // A gated Pod without a claim gets one first; it queues once the watch shows it.
+    let created: Vec<LockStep> = pods::missing_claims(input.pods, input.claims, input.lock_name)
+        .into_iter()
+        .map(|step| LockStep { slot: 0, step })
+        .collect();
+    plan.has_live_claims |= !created.is_empty();
+    plan.steps.splice(0..0, created);
+    plan
+}
+
+/// Whether `name` ends `-slot-<digits>`: a slot Lease of another lock. The CRD refuses
+/// such a leaseName; a claim made before it did must never make a second key arbitrate
+/// a Lease that a lock's key arbitrates too (two keys, one Lease: a double grant).
+pub fn reserved_slot_name(name: &str) -> bool {
+    name.rsplit_once("-slot-").is_some_and(|(l, n)| {
+        !l.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+    })
+}
+
+/// Claims naming a reserved slot Lease name: each live one Rejected (reason
+/// ReservedLeaseName), and nothing else written, the Lease least of all.
+fn reject_all(input: &LockInput<'_>) -> LockPlan {
+    let mut out = LockPlan::default();
+    let lease = input.lock_name;
+    for c in input.claims.iter().filter(|c| live(c) && !deleting(c)) {
+        let msg = format!(
+            "leaseName {lease} ends -slot-<digits>, a name reserved for the slot Leases of locks with capacity; this claim is never granted (make a new one with another leaseName)"
+        );
+        let st = status::finished(
+            c,
+            Phase::Rejected,
+            Reason::ReservedLeaseName,
+            &msg,
+            None,
+            input.now.wall,
+        );
+        out.waiter_status(c, st);
+        out.waiter_event(c, true, Reason::Rejected, msg);
+    }
+    out
+}
+
+/// A lock with slots above 0 in play.
+fn several(input: &LockInput<'_>) -> LockPlan {
     let mut claims: Vec<&LockClaim> = input.claims.to_vec();
     claims.sort_by(|a, b| queue_cmp(a, b));
     let homes = homes(input, &claims);
@@ -159,11 +214,13 @@ fn is_single(input: &LockInput<'_>) -> bool {
 
 fn single(input: &LockInput<'_>) -> LockPlan {
     let memory = input.memory.slots.get(&0).cloned().unwrap_or_default();
-    let plan = decide(&Input {
+    let plan = decide_lease(&Input {
         lease_name: input.lock_name,
         slot: 0,
         claims: input.claims,
         lease: input.leases.get(&0).copied(),
+        lease_proven: input.proven.contains(&0),
+        pods: input.pods,
         memory: &memory,
         now: input.now,
         config: input.config,
@@ -255,11 +312,13 @@ fn home_claims<'a>(
 fn decide_slot(input: &LockInput<'_>, slot: u32, claims: &[&LockClaim]) -> Plan {
     let memory = input.memory.slots.get(&slot).cloned().unwrap_or_default();
     let lease_name = slot_lease(input.lock_name, slot);
-    decide(&Input {
+    decide_lease(&Input {
         lease_name: &lease_name,
         slot,
         claims,
         lease: input.leases.get(&slot).copied(),
+        lease_proven: input.proven.contains(&slot),
+        pods: input.pods,
         memory: &memory,
         now: input.now,
         config: input.config,

@@ -4,15 +4,15 @@
 //! standing are written at most once per `position_delay` (so a burst of handoffs
 //! rewrites a queue once, not once per handoff).
 
-use super::ends::Ends;
 use super::free::Free;
+use super::verdicts::Verdicts;
 use super::view::View;
 use super::{deleting, lease, name, status, Draft, Reason, Step, Target};
 use crate::api::{LockClaim, LockClaimStatus, Phase, CONDITION_GRANTED};
 
 pub(super) fn positions(
     v: &View<'_>,
-    ends: &Ends,
+    ends: &Verdicts,
     free: &Free<'_>,
     granted_now: Option<&LockClaim>,
     d: &mut Draft,
@@ -153,8 +153,8 @@ fn message(
     match (why, holder) {
         (Reason::LeaseNotManaged, _) => format!(
             "Lease {lease} exists and was not created by leasekeeper: it is never written unless its owner labels it {}={}; {place}",
-            crate::TAKEOVER_LABEL,
-            crate::TAKEOVER_ALLOWED
+            crate::api::TAKEOVER_LABEL,
+            crate::api::TAKEOVER_ALLOWED
         ),
         (Reason::LockDelay, _) => format!("waiting for the lock delay of Lease {lease} to end; {place}"),
         (_, Some(h)) => format!("waiting for Lease {lease} held by {h}; {place}"),

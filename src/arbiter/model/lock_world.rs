@@ -1,27 +1,26 @@
-//! A model of the API server for a lock with capacity: claims and the lock's slot
-//! Leases, resourceVersions from one global revision, preconditions on every write,
-//! and the lock's invariants checked after every single write.
+//! The lock driver of the model API server ([`super::server`]): a lock with capacity and
+//! its slot Leases, decided by `decide` (the lock-level entry point) and applied step by
+//! step with the executor's preconditions; the lock's invariants checked after every
+//! single write.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::lock::{decide_lock, LockInput, LockMemory, LockPlan, LockStep};
-use super::{Config, LeaseWriteKind, Now, Step, CLAIM_ANNOTATION};
+use super::server::{Conflict, Server};
+use crate::api::{parse_slot_lease, slot_lease, CLAIM_ANNOTATION};
 use crate::api::{LockClaim, LockClaimSpec, Phase, Renewal};
+use crate::arbiter::slots::{decide, LockInput, LockMemory, LockPlan, LockStep};
+use crate::arbiter::{Config, LeaseWriteKind, Step};
 
 pub const LOCK: &str = "pool";
 
 pub struct LockWorld {
-    pub claims: BTreeMap<String, LockClaim>,
-    pub leases: BTreeMap<u32, Lease>,
+    /// The model API server: claims, the slot Leases (named by [`slot_lease`]),
+    /// revisions, clocks.
+    pub server: Server,
     pub capacity: u32,
-    pub rv: u64,
-    pub wall: Timestamp,
-    pub mono: Duration,
     pub memory: LockMemory,
     pub config: Config,
     pub max_token: i64,
@@ -32,23 +31,17 @@ pub struct LockWorld {
     pub grants_first: bool,
 }
 
-#[derive(Debug)]
-pub struct Conflict;
-
 impl Default for LockWorld {
     fn default() -> Self {
         LockWorld {
-            claims: BTreeMap::new(),
-            leases: BTreeMap::new(),
+            server: Server::default(),
             capacity: 3,
-            rv: 100,
-            wall: Timestamp::from_millisecond(1_800_000_000_700).expect("valid"),
-            mono: Duration::from_secs(1000),
             memory: LockMemory::default(),
             config: Config {
                 gc_grace: Duration::from_secs(60),
                 exact_positions: 3,
                 position_delay: Duration::from_secs(1),
+                pods: true,
             },
             max_token: 0,
             grants: 0,
@@ -65,42 +58,35 @@ pub fn spec(duration: i32) -> LockClaimSpec {
     }
 }
 
+impl std::ops::Deref for LockWorld {
+    type Target = Server;
+    fn deref(&self) -> &Server {
+        &self.server
+    }
+}
+
+impl std::ops::DerefMut for LockWorld {
+    fn deref_mut(&mut self) -> &mut Server {
+        &mut self.server
+    }
+}
+
 impl LockWorld {
-    fn next_rv(&mut self) -> String {
-        self.rv += 1;
-        self.rv.to_string()
-    }
-
-    pub fn create(&mut self, name: &str, spec: LockClaimSpec) {
-        let mut c = LockClaim::new(name, spec);
-        c.metadata.namespace = Some("ns".into());
-        c.metadata.generation = Some(1);
-        let secs = self.wall.as_second();
-        c.metadata.creation_timestamp = Some(Time(Timestamp::from_second(secs).expect("valid")));
-        c.metadata.resource_version = Some(self.next_rv());
-        c.metadata.uid = Some(format!("uid-{}", self.rv));
-        self.claims.insert(name.into(), c);
-    }
-
-    pub fn delete(&mut self, name: &str) {
-        if self.claims.remove(name).is_some() {
-            self.rv += 1;
-        }
-    }
-
-    pub fn release(&mut self, name: &str) {
-        let rv = self.next_rv();
-        if let Some(c) = self.claims.get_mut(name) {
-            if !c.spec.release {
-                c.spec.release = true;
-                c.metadata.generation = Some(c.metadata.generation.unwrap_or(1) + 1);
-                c.metadata.resource_version = Some(rv);
-            }
-        }
+    /// The slot Leases by slot.
+    pub fn slots(&self) -> BTreeMap<u32, &Lease> {
+        let slot = |name: &str| match parse_slot_lease(name) {
+            Some((LOCK, s)) => Some(s),
+            _ => (name == LOCK).then_some(0),
+        };
+        self.server
+            .leases
+            .iter()
+            .filter_map(|(name, l)| Some((slot(name)?, l)))
+            .collect()
     }
 
     pub fn advance(&mut self, d: Duration) {
-        super::sim::step_clock(&mut self.wall, &mut self.mono, d);
+        self.server.step_clock(d);
     }
 
     pub fn restart(&mut self) {
@@ -108,37 +94,26 @@ impl LockWorld {
     }
 
     pub fn plan(&self) -> LockPlan {
-        let claims: Vec<&LockClaim> = self.claims.values().collect();
-        let leases: BTreeMap<u32, &Lease> = self.leases.iter().map(|(s, l)| (*s, l)).collect();
-        decide_lock(&LockInput {
+        let claims: Vec<&LockClaim> = self.server.claims.values().collect();
+        let leases = self.slots();
+        // Every slot Lease in this model is the operator's own creation.
+        let proven = leases.keys().copied().collect();
+        decide(&LockInput {
             lock_name: LOCK,
             capacity: self.capacity,
             claims: &claims,
             leases: &leases,
+            proven: &proven,
+            pods: &[],
             memory: &self.memory,
-            now: Now {
-                wall: self.wall,
-                mono: self.mono,
-            },
+            now: self.server.now(),
             config: self.config,
         })
     }
 
-    pub fn rvs(&self) -> HashMap<String, String> {
-        self.claims
-            .iter()
-            .map(|(n, c)| {
-                (
-                    n.clone(),
-                    c.metadata.resource_version.clone().unwrap_or_default(),
-                )
-            })
-            .collect()
-    }
-
     pub fn reconcile(&mut self) -> LockPlan {
         let plan = self.plan();
-        let snap = self.rvs();
+        let snap = self.server.rvs();
         self.apply(&plan, &snap, usize::MAX, self.capacity);
         plan
     }
@@ -208,7 +183,7 @@ impl LockWorld {
         }
         self.memory = plan.memory.clone();
         for m in self.memory.slots.values_mut() {
-            m.rebase_grant(self.mono);
+            m.rebase_grant(self.server.mono);
         }
         true
     }
@@ -220,19 +195,13 @@ impl LockWorld {
         last_lease_rv: &mut Option<i64>,
         capacity: u32,
     ) -> Result<(), Conflict> {
-        let next_rv = (self.rv + 1).to_string();
+        let next_rv = (self.server.rv + 1).to_string();
         match &s.step {
             Step::Event(_) => return Ok(()),
             Step::VerifyLease { resource_version } => {
-                let have = self
-                    .leases
-                    .get(&s.slot)
-                    .and_then(|l| l.metadata.resource_version.clone());
-                return if &have == resource_version {
-                    Ok(())
-                } else {
-                    Err(Conflict)
-                };
+                return self
+                    .server
+                    .verify_lease(&slot_lease(LOCK, s.slot), resource_version);
             }
             Step::AddFinalizer { .. } | Step::RemoveFinalizer { .. } => {}
             Step::SetStatus {
@@ -240,10 +209,7 @@ impl LockWorld {
                 status,
                 fill_token,
             } => {
-                let c = self.claims.get_mut(claim).ok_or(Conflict)?;
-                if rvs.get(claim) != c.metadata.resource_version.as_ref() {
-                    return Err(Conflict);
-                }
+                let c = self.server.claim_precondition(claim, rvs)?;
                 let mut st = status.clone();
                 if *fill_token {
                     st.fencing_token = *last_lease_rv;
@@ -258,37 +224,35 @@ impl LockWorld {
             }
             Step::WriteLease { lease, kind } => {
                 let want = lease.metadata.resource_version.clone();
-                let have = self
-                    .leases
-                    .get(&s.slot)
-                    .and_then(|l| l.metadata.resource_version.clone());
+                let have = self.server.lease_rv(&slot_lease(LOCK, s.slot));
                 if want != have {
                     return Err(Conflict);
                 }
                 let mut l = (**lease).clone();
                 l.metadata.resource_version = Some(next_rv.clone());
                 *last_lease_rv = next_rv.parse().ok();
-                self.leases.insert(s.slot, l);
+                self.server.leases.insert(slot_lease(LOCK, s.slot), l);
                 if matches!(kind, LeaseWriteKind::Create | LeaseWriteKind::Grant) {
                     self.on_slot_granted(s.slot, capacity);
                 }
             }
             Step::DeleteLease { resource_version } => {
-                let have = self
-                    .leases
-                    .get(&s.slot)
-                    .and_then(|l| l.metadata.resource_version.clone());
+                let have = self.server.lease_rv(&slot_lease(LOCK, s.slot));
                 if have.as_ref() != Some(resource_version) {
                     return Err(Conflict);
                 }
-                self.leases.remove(&s.slot);
+                self.server.leases.remove(&slot_lease(LOCK, s.slot));
             }
             Step::DeleteClaim { claim } => {
-                self.delete(claim);
+                self.server.delete(claim);
+                return Ok(());
+            }
+            // No Pods in this model.
+            Step::CreateClaim { .. } | Step::OpenPod { .. } | Step::VerifyNode { .. } => {
                 return Ok(());
             }
         }
-        self.rv += 1;
+        self.server.rv += 1;
         Ok(())
     }
 
@@ -319,7 +283,8 @@ impl LockWorld {
     /// Live claims that a slot Lease names (our grant annotation); one that asked to be
     /// released still holds until the operator has ended it.
     pub fn holding(&self) -> Vec<String> {
-        self.leases
+        self.server
+            .leases
             .values()
             .filter_map(|l| {
                 l.metadata
@@ -329,7 +294,8 @@ impl LockWorld {
                     .cloned()
             })
             .filter(|n| {
-                self.claims
+                self.server
+                    .claims
                     .get(n)
                     .is_some_and(|c| !c.phase().is_some_and(Phase::is_terminal))
             })
@@ -337,7 +303,8 @@ impl LockWorld {
     }
 
     pub fn granted(&self) -> Vec<&LockClaim> {
-        self.claims
+        self.server
+            .claims
             .values()
             .filter(|c| c.phase() == Some(Phase::Granted))
             .collect()
@@ -360,8 +327,9 @@ impl LockWorld {
                 ));
             }
             let annotated = self
+                .server
                 .leases
-                .get(&slot)
+                .get(&slot_lease(LOCK, slot))
                 .and_then(|l| l.metadata.annotations.as_ref())
                 .and_then(|a| a.get(CLAIM_ANNOTATION));
             if annotated != c.metadata.name.as_ref() {
@@ -370,7 +338,7 @@ impl LockWorld {
                     c.metadata.name
                 ));
             }
-            let want = crate::api::slot_lease(LOCK, slot);
+            let want = slot_lease(LOCK, slot);
             if st.lease.as_deref() != Some(want.as_str()) {
                 return Err(format!(
                     "{:?} names Lease {:?}, not {want}",
@@ -389,6 +357,7 @@ impl LockWorld {
     pub fn check_settled(&self) -> Result<(), String> {
         self.check()?;
         let live: Vec<&LockClaim> = self
+            .server
             .claims
             .values()
             .filter(|c| !c.phase().is_some_and(Phase::is_terminal))

@@ -2,10 +2,11 @@
 
 use std::time::Duration;
 
-use super::sim::{spec, HolderProc, World};
-use super::{LeaseWriteKind, Reason, Step, Target, CONDITION_FINISHED, LOCK_DELAY_ANNOTATION};
+use super::lease_world::{spec, HolderProc, World};
 use crate::api::{Phase, Renewal, CONDITION_GRANTED};
-use crate::{FINALIZER, MANAGED_BY_LABEL};
+use crate::api::{CONDITION_FINISHED, LOCK_DELAY_ANNOTATION};
+use crate::api::{FINALIZER, MANAGED_BY_LABEL};
+use crate::arbiter::{LeaseWriteKind, Reason, Step, Target};
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
@@ -30,7 +31,7 @@ fn a_claim_on_an_absent_lease_creates_it_and_is_granted() {
     let mut w = World::default();
     w.create("a", spec(15));
     w.settle();
-    let lease = w.lease.clone().expect("lease created");
+    let lease = w.lease().cloned().expect("lease created");
     let ls = lease.spec.clone().expect("spec");
     assert_eq!(ls.holder_identity.as_deref(), Some("a"));
     assert_eq!(ls.lease_duration_seconds, Some(15));
@@ -65,11 +66,11 @@ fn a_claim_on_an_absent_lease_creates_it_and_is_granted() {
     );
     let ann = lease.metadata.annotations.clone().unwrap_or_default();
     assert_eq!(
-        ann.get(super::CLAIM_ANNOTATION).map(String::as_str),
+        ann.get(crate::api::CLAIM_ANNOTATION).map(String::as_str),
         Some("a")
     );
     assert_eq!(
-        ann.get(super::CLAIM_UID_ANNOTATION),
+        ann.get(crate::api::CLAIM_UID_ANNOTATION),
         w.claims["a"].metadata.uid.as_ref(),
         "the grant names the claim's uid"
     );
@@ -173,8 +174,7 @@ fn delete_hands_the_lease_straight_to_the_next_claim() {
     assert!(w.status("b").fencing_token.expect("token") > t1);
     assert_eq!(w.holder().as_deref(), Some("b"));
     assert_eq!(
-        w.lease
-            .as_ref()
+        w.lease()
             .and_then(|l| l.spec.as_ref())
             .and_then(|s| s.lease_transitions),
         Some(1)
@@ -252,7 +252,7 @@ fn a_holder_that_renews_stays_granted_and_one_that_stops_expires_after_the_durat
     assert_eq!(w.phase("b"), Some(Phase::Granted));
     assert!(plan
         .outcomes
-        .contains(&super::Outcome::Expired(Reason::Expired)));
+        .contains(&crate::arbiter::Outcome::Expired(Reason::Expired)));
     assert!(w.status("a").expire_time.is_some());
 }
 
@@ -286,8 +286,7 @@ fn lock_delay_keeps_the_lease_unassigned_after_an_expiry() {
     assert_eq!(w.phase("b"), Some(Phase::Pending));
     assert_eq!(w.holder(), None);
     let ann = w
-        .lease
-        .as_ref()
+        .lease()
         .and_then(|l| l.metadata.annotations.as_ref())
         .and_then(|a| a.get(LOCK_DELAY_ANNOTATION).cloned());
     assert!(
@@ -334,8 +333,7 @@ fn controller_renewal_refreshes_the_lease_every_third_of_the_duration() {
     w.create("a", spec(15));
     w.settle();
     let renew_time = |w: &World| {
-        w.lease
-            .as_ref()
+        w.lease()
             .and_then(|l| l.spec.as_ref())
             .and_then(|s| s.renew_time.clone())
     };
@@ -348,7 +346,7 @@ fn controller_renewal_refreshes_the_lease_every_third_of_the_duration() {
     assert!(plan.steps.iter().any(|s| matches!(
         s,
         Step::WriteLease {
-            kind: super::LeaseWriteKind::Renew,
+            kind: crate::arbiter::LeaseWriteKind::Renew,
             ..
         }
     )));
@@ -485,9 +483,9 @@ fn an_outsiders_lease_is_respected_while_renewed_then_taken_over_when_its_owner_
         .notes
         .iter()
         .any(|n| n.target == Target::Lease && n.reason == Reason::TakenOver));
-    let lease = w.lease.as_ref().expect("lease");
+    let lease = w.lease().expect("lease");
     assert!(
-        !super::is_managed(lease),
+        !crate::arbiter::is_managed(lease),
         "an outsider's Lease is not labelled as ours"
     );
 }
@@ -496,10 +494,7 @@ fn an_outsiders_lease_is_respected_while_renewed_then_taken_over_when_its_owner_
 fn a_foreign_lease_is_never_written_and_its_claims_wait_with_lease_not_managed() {
     let mut w = World::default();
     w.outsider_write(Some("app-0_abc"), 2, false);
-    let rv = w
-        .lease
-        .as_ref()
-        .and_then(|l| l.metadata.resource_version.clone());
+    let rv = w.lease().and_then(|l| l.metadata.resource_version.clone());
     let mut s = spec(86_400);
     s.holder_identity = Some("app-0_abc".into());
     w.create("adopt", s);
@@ -511,9 +506,7 @@ fn a_foreign_lease_is_never_written_and_its_claims_wait_with_lease_not_managed()
     w.delete("adopt");
     w.settle();
     assert_eq!(
-        w.lease
-            .as_ref()
-            .and_then(|l| l.metadata.resource_version.clone()),
+        w.lease().and_then(|l| l.metadata.resource_version.clone()),
         rv,
         "the Lease was never written"
     );
@@ -542,11 +535,11 @@ fn a_foreign_lease_is_never_written_and_its_claims_wait_with_lease_not_managed()
         "one Warning Event when the claim starts waiting on it"
     );
     // Once the owner allows it, the stalled Lease is taken over.
-    if let Some(l) = w.lease.as_mut() {
+    if let Some(l) = w.lease_mut() {
         l.metadata.labels = Some(
             [(
-                crate::TAKEOVER_LABEL.to_string(),
-                crate::TAKEOVER_ALLOWED.to_string(),
+                crate::api::TAKEOVER_LABEL.to_string(),
+                crate::api::TAKEOVER_ALLOWED.to_string(),
             )]
             .into(),
         );
@@ -565,10 +558,13 @@ fn a_lease_run_by_coordinated_leader_election_is_never_written_or_collected() {
     w.settle();
     w.delete("first");
     w.settle();
-    let l = w.lease.as_mut().expect("our Lease");
-    assert!(super::is_managed(l));
+    let l = w.lease_mut().expect("our Lease");
+    assert!(crate::arbiter::is_managed(l));
     let labels = l.metadata.labels.get_or_insert_with(Default::default);
-    labels.insert(crate::TAKEOVER_LABEL.into(), crate::TAKEOVER_ALLOWED.into());
+    labels.insert(
+        crate::api::TAKEOVER_LABEL.into(),
+        crate::api::TAKEOVER_ALLOWED.into(),
+    );
     if let Some(spec) = l.spec.as_mut() {
         spec.strategy = Some("OldestEmulationVersion".into());
         spec.holder_identity = None;
@@ -579,7 +575,7 @@ fn a_lease_run_by_coordinated_leader_election_is_never_written_or_collected() {
         w.settle();
         w.advance(secs(120));
     }
-    let after = w.lease.as_ref().expect("never deleted by the GC");
+    let after = w.lease().expect("never deleted by the GC");
     assert_eq!(after.metadata.resource_version, rv, "never written");
     assert_eq!(w.phase("grab"), Some(Phase::Pending));
     let c = w.claims["grab"]
@@ -663,7 +659,7 @@ fn a_deleted_holder_hands_the_lease_on_with_one_write_and_its_grant_is_counted()
     w.settle();
     w.delete("a");
     let plan = w.reconcile();
-    assert!(plan.outcomes.contains(&super::Outcome::Released));
+    assert!(plan.outcomes.contains(&crate::arbiter::Outcome::Released));
     let lease_writes = plan
         .steps
         .iter()
@@ -723,13 +719,13 @@ fn an_unused_managed_lease_is_garbage_collected_and_tokens_keep_rising() {
     let t1 = w.status("a").fencing_token.expect("token");
     w.delete("a");
     w.settle();
-    assert!(w.lease.is_some());
+    assert!(w.lease().is_some());
     w.advance(secs(59));
     w.settle();
-    assert!(w.lease.is_some(), "not before the grace period");
+    assert!(w.lease().is_some(), "not before the grace period");
     w.advance(secs(1));
     let plan = w.reconcile();
-    assert!(w.lease.is_none(), "deleted after the grace period");
+    assert!(w.lease().is_none(), "deleted after the grace period");
     assert!(plan
         .steps
         .iter()
@@ -745,7 +741,7 @@ fn a_lease_we_did_not_create_is_never_garbage_collected() {
     w.outsider_write(None, 15, false);
     w.advance(secs(3600));
     w.settle();
-    assert!(w.lease.is_some());
+    assert!(w.lease().is_some());
 }
 
 #[test]
@@ -887,8 +883,7 @@ fn a_grant_interrupted_after_the_lease_write_is_completed() {
          (a token from the interrupted write could be below a grant published since): {completion:?}"
     );
     let interrupted = w
-        .lease
-        .as_ref()
+        .lease()
         .and_then(|l| l.metadata.resource_version.as_deref())
         .and_then(|rv| rv.parse::<i64>().ok());
     w.settle();
@@ -916,7 +911,7 @@ fn a_plan_decided_from_a_stale_lease_is_refused_by_the_precondition() {
     w.check().expect("invariants");
 }
 
-fn status_writes(plan: &super::Plan) -> usize {
+fn status_writes(plan: &crate::arbiter::Plan) -> usize {
     plan.steps
         .iter()
         .filter(|s| matches!(s, Step::SetStatus { .. }))

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
-use super::sim::{spec, HolderProc, World};
+use super::lease_world::{spec, HolderProc, World};
 use crate::api::Renewal;
 
 #[derive(Clone, Debug)]
@@ -52,6 +52,8 @@ enum Op {
     Restart,
     /// Someone with Lease write writes it (holder), allowing a takeover or not.
     Outsider(Option<u8>, bool),
+    /// Someone who may update but not delete the Lease labels it as leasekeeper's.
+    ForgeManaged,
     DeleteLease,
 }
 
@@ -72,6 +74,7 @@ fn leaf() -> impl Strategy<Value = Op> {
         1 => Just(Op::Restart),
         1 => (proptest::option::of(0u8..2), any::<bool>()).prop_map(|(h, t)| Op::Outsider(h, t)),
         1 => Just(Op::DeleteLease),
+        1 => Just(Op::ForgeManaged),
         1 => (0u64..15_000).prop_map(Op::StalledLease),
     ]
 }
@@ -199,7 +202,7 @@ fn run(w: &mut World, op: &Op) {
         Op::LaggingLease(inner) => {
             // The Lease cache still holds the version from before `inner` and before
             // the operator's own last write; the claims cache is fresh.
-            let old_lease = w.lease.clone();
+            let old_lease = w.lease().cloned();
             run(w, inner);
             w.reconcile();
             let plan = w.plan_with_lease(old_lease.as_ref());
@@ -209,7 +212,7 @@ fn run(w: &mut World, op: &Op) {
             w.outsider_dirty |= dirty;
         }
         Op::StalledLease(ms) => {
-            let old_lease = w.lease.clone();
+            let old_lease = w.lease().cloned();
             w.advance(Duration::from_millis(*ms));
             let plan = w.plan_with_lease(old_lease.as_ref());
             let snap = w.rvs();
@@ -223,6 +226,7 @@ fn run(w: &mut World, op: &Op) {
             w.outsider_write(holder.as_deref(), 5, *takeover);
         }
         Op::DeleteLease => w.delete_lease(),
+        Op::ForgeManaged => w.forge_managed_label(),
     }
 }
 
@@ -272,7 +276,7 @@ fn history(ops: &[Op], lease_precondition: bool) -> Result<(), TestCaseError> {
 
 /// The property tests' settings: `PROPTEST_CASES` histories (2,000 unless set; `make
 /// test` runs 10,000, `make soak` 1,000,000), shrunk hard, nothing persisted.
-pub(super) fn config() -> ProptestConfig {
+pub(crate) fn config() -> ProptestConfig {
     ProptestConfig {
         cases: std::env::var("PROPTEST_CASES")
             .ok()
