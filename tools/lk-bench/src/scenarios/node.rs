@@ -4,6 +4,10 @@
 //!
 //! 8. Pods on a lock: the holder deleted (force, grace 0) -> the next Pod's gate removed
 //!    -> it Running; the floor beside it, interleaved: an ungated Pod created -> Running.
+//!    Two more rows say where a handoff's extra time goes: an ungated Pod created while
+//!    another Pod is force-deleted (the kubelet tears one down as it starts the other, as
+//!    in a handoff), and a Pod whose foreign gate this process removes (the scheduler's
+//!    gate path, nothing of ours and no teardown).
 //! 9. A route to the holder (examples/active-passive.yaml): the holder Pod deleted ->
 //!    the slice without it -> the next holder Granted -> the slice naming it.
 
@@ -76,24 +80,31 @@ async fn when(seen: &Seen, name: &str, what: &str, limit: Duration) -> Option<In
     }
 }
 
+/// A gate that is not ours: scenario 8 removes it by hand.
+const MANUAL_GATE: &str = "bench.leasekeeper.io/manual";
+
 fn pod(name: &str, lock: Option<&str>) -> Pod {
+    let mut p = pod_with_gate(name, lock.map(|_| POD_GATE));
+    if let Some(l) = lock {
+        p.metadata.labels = Some(BTreeMap::from([(
+            leasekeeper::api::POD_LOCK_LABEL.to_string(),
+            l.to_string(),
+        )]));
+    }
+    p
+}
+
+fn pod_with_gate(name: &str, gate: Option<&str>) -> Pod {
     use k8s_openapi::api::core::v1::{Container, PodSchedulingGate, PodSpec};
     Pod {
         metadata: kube::api::ObjectMeta {
             name: Some(name.into()),
-            labels: lock.map(|l| {
-                BTreeMap::from([(leasekeeper::api::POD_LOCK_LABEL.to_string(), l.to_string())])
-            }),
             ..Default::default()
         },
         spec: Some(PodSpec {
             termination_grace_period_seconds: Some(0),
             restart_policy: Some("Never".into()),
-            scheduling_gates: lock.map(|_| {
-                vec![PodSchedulingGate {
-                    name: POD_GATE.into(),
-                }]
-            }),
+            scheduling_gates: gate.map(|g| vec![PodSchedulingGate { name: g.into() }]),
             containers: vec![Container {
                 name: "c".into(),
                 image: Some("localhost/lk-tools:dev".into()),
@@ -115,6 +126,47 @@ async fn force_delete(pods: &Api<Pod>, name: &str) {
     let _ = pods.delete(name, &dp).await;
 }
 
+/// Creates an ungated Pod as `victim` (running) is force-deleted: created -> Running.
+async fn floor_beside_deletion(
+    pods: &Api<Pod>,
+    seen: &Seen,
+    name: &str,
+    victim: &str,
+) -> Option<Duration> {
+    let (fresh, pp) = (pod(name, None), PostParams::default());
+    let t0 = Instant::now();
+    let (created, ()) = tokio::join!(pods.create(&pp, &fresh), force_delete(pods, victim));
+    created.ok()?;
+    let t = when(seen, name, "running", Duration::from_secs(60)).await;
+    force_delete(pods, name).await;
+    Some(t? - t0)
+}
+
+/// A Pod held by a gate that is not ours, the gate removed by this process once the Pod
+/// is seen: gate removed -> Running.
+async fn manual_gate(pods: &Api<Pod>, seen: &Seen, name: &str) -> Option<Duration> {
+    use kube::api::{Patch, PatchParams};
+    pods.create(
+        &PostParams::default(),
+        &pod_with_gate(name, Some(MANUAL_GATE)),
+    )
+    .await
+    .ok()?;
+    while !seen.lock().expect("seen").contains_key(name) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Let the scheduler file it as gated first, as it has a lock-gated Pod.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = Instant::now();
+    let open = serde_json::json!({"spec": {"schedulingGates": null}});
+    pods.patch(name, &PatchParams::default(), &Patch::Merge(&open))
+        .await
+        .ok()?;
+    let t = when(seen, name, "running", Duration::from_secs(60)).await;
+    force_delete(pods, name).await;
+    Some(t? - t0)
+}
+
 /// 8: Pod handoffs against the floor.
 pub async fn pods(b: &Bench, r: &mut Report) {
     let ns = "bench-pods";
@@ -125,6 +177,7 @@ pub async fn pods(b: &Bench, r: &mut Report) {
     let limit = Duration::from_secs(60);
     let (mut gate, mut run, mut start, mut floor) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut beside, mut manual) = (Vec::new(), Vec::new());
     pods.create(&PostParams::default(), &pod("p0", Some(lock)))
         .await
         .expect("p0");
@@ -161,10 +214,13 @@ pub async fn pods(b: &Bench, r: &mut Report) {
         if let Some(t) = when(&seen, &f, "running", limit).await {
             floor.push(t - t0);
         }
-        force_delete(&pods, &f).await;
+        let beside_name = format!("beside{i}");
+        beside.extend(floor_beside_deletion(&pods, &seen, &beside_name, &f).await);
+        manual.extend(manual_gate(&pods, &seen, &format!("manual{i}")).await);
     }
     task.abort();
     let (g, rn, st, fl) = (stats(gate), stats(run), stats(start), stats(floor));
+    let (bs, mn) = (stats(beside), stats(manual));
     r.add("## 8. Pods holding a lock by a scheduling gate (real node)");
     r.add(String::new());
     r.add("The holder Pod force-deleted; the next Pod, gated on the same lock, is granted, opened (gate removed, token written) and started; the floor, interleaved, is an ungated Pod created -> Running on the same node. Times as this process's watch saw them.");
@@ -177,6 +233,14 @@ pub async fn pods(b: &Bench, r: &mut Report) {
         &st,
     );
     r.row("floor: ungated Pod created -> Running", &fl);
+    r.row(
+        "ungated Pod created as another is force-deleted -> Running",
+        &bs,
+    );
+    r.row(
+        "a foreign gate removed by hand -> Running (no lock, no deletion)",
+        &mn,
+    );
     r.add(String::new());
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     r.add(format!(
@@ -189,6 +253,13 @@ pub async fn pods(b: &Bench, r: &mut Report) {
         ms(g.p50),
         ms(g.p99),
         ms(st.p50) - ms(fl.p50)
+    ));
+    r.add(format!(
+        "Where that goes: creating an ungated Pod while another is force-deleted takes p50 {:+.0} ms, p99 {:+.0} ms over the floor (the kubelet tearing one Pod down as it starts the other); a gate removed by hand, with no deletion, p50 {:+.0} ms, p99 {:+.0} ms.",
+        ms(bs.p50) - ms(fl.p50),
+        ms(bs.p99) - ms(fl.p99),
+        ms(mn.p50) - ms(fl.p50),
+        ms(mn.p99) - ms(fl.p99)
     ));
     r.add(String::new());
 }
