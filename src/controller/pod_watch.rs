@@ -120,7 +120,9 @@ pub(super) async fn watch_pods(
     api: Api<DeserializeGuard<Pod>>,
     writer: Writer<Pod>,
 ) {
+    let counting = ctx.clone();
     let events = watcher(api, watcher::Config::default().labels(POD_LOCK_LABEL))
+        .inspect_ok(move |ev| super::watches::count_watch_event::<Pod, _>(&counting, ev))
         .map_ok(|ev| {
             ev.modify(|g| {
                 if let Ok(p) = g.0.as_mut() {

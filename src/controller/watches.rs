@@ -107,6 +107,18 @@ where
     move |ev| decoded(&ctx, ev, stub)
 }
 
+/// Counts an object's event of a watch of kind `K` in `leasekeeper_watch_events_total`.
+pub(super) fn count_watch_event<K: Resource<DynamicType = ()>, T>(ctx: &Context, ev: &Event<T>) {
+    if matches!(ev, Event::Apply(_) | Event::InitApply(_) | Event::Delete(_)) {
+        ctx.metrics
+            .watch_events
+            .get_or_create(&KindLabel {
+                kind: K::kind(&()).to_string(),
+            })
+            .inc();
+    }
+}
+
 /// An event with its object decoded, or None when the object cannot be; a deleted
 /// object that cannot be decoded becomes a deletion of a stand-in of the same name.
 fn decoded<K>(
@@ -117,14 +129,7 @@ fn decoded<K>(
 where
     K: Resource<DynamicType = ()> + Clone,
 {
-    if matches!(ev, Event::Apply(_) | Event::InitApply(_) | Event::Delete(_)) {
-        ctx.metrics
-            .watch_events
-            .get_or_create(&KindLabel {
-                kind: K::kind(&()).to_string(),
-            })
-            .inc();
-    }
+    count_watch_event::<K, _>(ctx, &ev);
     let one = |g: DeserializeGuard<K>, deleted: bool| match g.0 {
         Ok(o) => {
             ctx.valid_again::<K>(o.meta());

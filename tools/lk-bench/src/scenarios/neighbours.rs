@@ -2,7 +2,9 @@
 //! cost the operator. (a) 5,000 node heartbeat Leases in `kube-node-lease` renewed every
 //! 10 s against an idle window of the same length, while claims are granted; (b) 1,000
 //! claims carrying 250 KB annotations against 1,000 plain ones; (c) grants in a quiet
-//! namespace while another namespace creates and drains 10,000 claims.
+//! namespace while another namespace creates and drains 10,000 claims; (d) the writes
+//! of one handoff with a long queue; (e) 1,000 Pods without the lock label, each
+//! changed every 10 s, against an idle window (the Pod watch is label-selected).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,6 +29,7 @@ pub async fn run(b: &Bench, r: &mut Report) {
     annotations(b, r).await;
     fairness(b, r).await;
     long_queue(b, r).await;
+    unlabelled_pods(b, r).await;
 }
 
 /// Current resident set of process `pid`, in kB.
@@ -212,8 +215,15 @@ async fn node_leases(b: &Bench, r: &mut Report) {
     testkit::create_namespace(&b.client, ns, &[]).await;
     let leases: Api<Lease> = Api::namespaced(b.client.clone(), ns);
     create_node_leases(&leases, n).await;
-    let idle = window_cost(b, &leases, 0, window, "bench-nodes-idle").await;
-    let churn = window_cost(b, &leases, n, window, "bench-nodes-churn").await;
+    let idle = window_cost(b, "Lease", async || 0, window, "bench-nodes-idle").await;
+    let churn = window_cost(
+        b,
+        "Lease",
+        async || renew_all(&leases, n).await,
+        window,
+        "bench-nodes-churn",
+    )
+    .await;
     let _ = leases
         .delete_collection(&DeleteParams::default(), &ListParams::default())
         .await;
@@ -222,20 +232,7 @@ async fn node_leases(b: &Bench, r: &mut Report) {
         window.as_secs()
     ));
     r.add(String::new());
-    r.add("| window | heartbeat writes | operator Lease watch events | operator CPU | operator RSS at end | grant p99 ms (N) |");
-    r.add("|---|---|---|---|---|---|");
-    for (what, c) in [("idle", &idle), ("heartbeats", &churn)] {
-        r.add(format!(
-            "| {what} | {} | {:.0} | {:.2} s | {:.1} MiB | {} ({}) |",
-            c.writes,
-            c.watch_events,
-            c.cpu_s,
-            mib(c.rss_kb),
-            ms(c.grants.p99),
-            c.grants.n
-        ));
-    }
-    r.add(String::new());
+    window_table(r, "heartbeats", "Lease", &idle, &churn);
 }
 
 struct WindowCost {
@@ -270,23 +267,24 @@ async fn create_node_leases(leases: &Api<Lease>, n: usize) {
         .await;
 }
 
-/// Operator cost over `window` while `n` heartbeat Leases are renewed every 10 s and a
-/// claim is granted every second in `probe_ns`.
+/// Operator cost over `window` while `churn` runs every 10 s (`async || 0`: an idle
+/// window) and a
+/// claim is granted every second in `probe_ns`; watch events of `kind` counted.
 async fn window_cost(
     b: &Bench,
-    leases: &Api<Lease>,
-    n: usize,
+    kind: &str,
+    mut churn: impl AsyncFnMut() -> usize,
     window: Duration,
     probe_ns: &str,
 ) -> WindowCost {
     let (_, cpu0) = proc_stats(b.op_pid);
-    let events0 = watch_events(b, "Lease").await;
+    let events0 = watch_events(b, kind).await;
     let probe = grant_probe(&b.client, probe_ns, Duration::from_secs(1)).await;
     let deadline = Instant::now() + window;
     let mut writes = 0;
-    while n > 0 && Instant::now() < deadline {
+    while Instant::now() < deadline {
         let round = Instant::now();
-        writes += renew_all(leases, n).await;
+        writes += churn().await;
         tokio::time::sleep_until((round + Duration::from_secs(10)).min(deadline)).await;
     }
     tokio::time::sleep_until(deadline).await;
@@ -294,11 +292,29 @@ async fn window_cost(
     let (_, cpu1) = proc_stats(b.op_pid);
     WindowCost {
         writes,
-        watch_events: watch_events(b, "Lease").await - events0,
+        watch_events: watch_events(b, kind).await - events0,
         cpu_s: cpu1 - cpu0,
         rss_kb: rss_kb(b.op_pid),
         grants: stats(samples.into_iter().map(|s| s.1).collect()),
     }
+}
+
+/// Writes the table of an idle window against a busy one.
+fn window_table(r: &mut Report, what: &str, kind: &str, idle: &WindowCost, busy: &WindowCost) {
+    r.add(format!("| window | {what} writes | operator {kind} watch events | operator CPU | operator RSS at end | grant p99 ms (N) |"));
+    r.add("|---|---|---|---|---|---|");
+    for (window, c) in [("idle", idle), (what, busy)] {
+        r.add(format!(
+            "| {window} | {} | {:.0} | {:.2} s | {:.1} MiB | {} ({}) |",
+            c.writes,
+            c.watch_events,
+            c.cpu_s,
+            mib(c.rss_kb),
+            ms(c.grants.p99),
+            c.grants.n
+        ));
+    }
+    r.add(String::new());
 }
 
 /// One heartbeat of every node Lease; returns the writes that succeeded.
@@ -467,4 +483,89 @@ async fn fairness(b: &Bench, r: &mut Report) {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
     ));
     r.add(String::new());
+}
+
+/// (e) Pods without the lock label: the Pod watch is label-selected, so they should cost
+/// the operator nothing. `n` Pods (Pending: the bench's plane has no node) created, then
+/// an idle window against one where every Pod's annotation changes every 10 s.
+async fn unlabelled_pods(b: &Bench, r: &mut Report) {
+    use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+    let (n, window) = if b.args.smoke {
+        (50, Duration::from_secs(20))
+    } else {
+        (1000, Duration::from_secs(120))
+    };
+    let ns = "bench-unlabelled-pods";
+    testkit::create_namespace(&b.client, ns, &[]).await;
+    let pods: Api<Pod> = Api::namespaced(b.client.clone(), ns);
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let pod = Pod {
+                metadata: ObjectMeta {
+                    name: Some(format!("p{i}")),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(PodSpec {
+                    containers: vec![Container {
+                        name: "c".into(),
+                        image: Some("busybox".into()),
+                        ..Container::default()
+                    }],
+                    ..PodSpec::default()
+                }),
+                status: None,
+            };
+            let pods = &pods;
+            async move {
+                let _ = pods.create(&PostParams::default(), &pod).await;
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    let idle = window_cost(b, "Pod", async || 0, window, "bench-pods-idle").await;
+    let mut round = 0u64;
+    let busy = window_cost(
+        b,
+        "Pod",
+        async || {
+            round += 1;
+            touch_all(&pods, n, round).await
+        },
+        window,
+        "bench-pods-churn",
+    )
+    .await;
+    let _ = pods
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await;
+    r.add(format!(
+        "### 6e. {n} Pods without the label `leasekeeper.io/lock`, every one's annotation changed every 10 s, {} s windows, a claim granted every second meanwhile",
+        window.as_secs()
+    ));
+    r.add(String::new());
+    window_table(r, "Pod changes", "Pod", &idle, &busy);
+}
+
+/// One annotation change on every Pod `p0..pn`; returns the writes that succeeded.
+async fn touch_all(pods: &Api<k8s_openapi::api::core::v1::Pod>, n: usize, round: u64) -> usize {
+    let patch =
+        serde_json::json!({"metadata": {"annotations": {"bench/round": round.to_string()}}});
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let patch = &patch;
+            async move {
+                pods.patch(
+                    &format!("p{i}"),
+                    &PatchParams::default(),
+                    &Patch::Merge(patch),
+                )
+                .await
+                .is_ok()
+            }
+        })
+        .buffer_unordered(32)
+        .filter(|ok| std::future::ready(*ok))
+        .count()
+        .await
 }

@@ -8,6 +8,13 @@
 //!    another Pod is force-deleted (the kubelet tears one down as it starts the other, as
 //!    in a handoff), and a Pod whose foreign gate this process removes (the scheduler's
 //!    gate path, nothing of ours and no teardown).
+//!
+//!    The kubelet reports a started container at its next relist of the runtime (once a
+//!    second), so "Running" comes on a 1 s clock. Every measured action waits a random
+//!    0-1 s first ([`off_phase`]): with fixed waits the loop locks onto that clock and
+//!    a row's time says how its fixed waits fall against it (the run of commit 8a08bbc,
+//!    bench/results/node-2026-12-04-fixed-phase.md, shows 1.0 s against 1.5 s rows,
+//!    a foreign gate included).
 //! 9. A route to the holder (examples/active-passive.yaml): the holder Pod deleted ->
 //!    the slice without it -> the next holder Granted -> the slice naming it.
 
@@ -118,6 +125,13 @@ fn pod_with_gate(name: &str, gate: Option<&str>) -> Pod {
     }
 }
 
+/// Waits a random 0-1 s, so that a measured action falls anywhere against the kubelet's
+/// once-a-second relist.
+async fn off_phase() {
+    let ms = rand::random_range(0..1000);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
 async fn force_delete(pods: &Api<Pod>, name: &str) {
     let dp = DeleteParams {
         grace_period_seconds: Some(0),
@@ -134,6 +148,7 @@ async fn floor_beside_deletion(
     victim: &str,
 ) -> Option<Duration> {
     let (fresh, pp) = (pod(name, None), PostParams::default());
+    off_phase().await;
     let t0 = Instant::now();
     let (created, ()) = tokio::join!(pods.create(&pp, &fresh), force_delete(pods, victim));
     created.ok()?;
@@ -157,6 +172,7 @@ async fn manual_gate(pods: &Api<Pod>, seen: &Seen, name: &str) -> Option<Duratio
     }
     // Let the scheduler file it as gated first, as it has a lock-gated Pod.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    off_phase().await;
     let t0 = Instant::now();
     let open = serde_json::json!({"spec": {"schedulingGates": null}});
     pods.patch(name, &PatchParams::default(), &Patch::Merge(&open))
@@ -192,6 +208,7 @@ pub async fn pods(b: &Bench, r: &mut Report) {
             .expect("next");
         // Let the next Pod's claim queue behind the holder before the holder goes.
         tokio::time::sleep(Duration::from_millis(500)).await;
+        off_phase().await;
         let t0 = Instant::now();
         force_delete(&pods, &format!("p{}", i - 1)).await;
         let opened = when(&seen, &next, "open", limit).await;
@@ -207,6 +224,7 @@ pub async fn pods(b: &Bench, r: &mut Report) {
         }
         // The floor, interleaved: an ungated Pod created -> Running.
         let f = format!("floor{i}");
+        off_phase().await;
         let t0 = Instant::now();
         pods.create(&PostParams::default(), &pod(&f, None))
             .await
