@@ -588,3 +588,46 @@ async fn pods_06_the_charts_admission_policy_refuses_a_gate_without_a_label_or_a
         support::kubectl_run(&["delete", kind, &name]);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_07_pods_without_the_label_never_reach_the_operator() {
+    use leasekeeper::telemetry::KindLabel;
+    let client = support::client().await;
+    let ns = support::namespace(&client, "pods-unlabelled").await;
+    let op = Operator::start(&client, &ns, Duration::from_secs(300)).await;
+    let pod_events = || {
+        op.metrics
+            .watch_events
+            .get_or_create(&KindLabel { kind: "Pod".into() })
+            .get()
+    };
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let mut plain = pod("plain-0", "unused", true, &[]);
+    plain.metadata.labels = Some(BTreeMap::from([("app".to_string(), "web".to_string())]));
+    plain.spec.as_mut().expect("spec").scheduling_gates = None;
+    let before = pod_events();
+    for i in 0..20 {
+        plain.metadata.name = Some(format!("plain-{i}"));
+        create(&pods, plain.clone()).await;
+    }
+    for i in 0..20 {
+        let touch = serde_json::json!({"metadata": {"annotations": {"touched": "yes"}}});
+        pods.patch(
+            &format!("plain-{i}"),
+            &PatchParams::default(),
+            &Patch::Merge(&touch),
+        )
+        .await
+        .expect("touch");
+    }
+    // A labelled Pod created after them is seen: the watch was live meanwhile.
+    create(&pods, pod("asks", "nightly", true, &[])).await;
+    wait_opened(&pods, "asks").await;
+    let after = pod_events();
+    assert!(after > before, "the labelled Pod was not counted");
+    assert!(
+        after - before <= 3,
+        "40 writes to unlabelled Pods reached the operator: {} Pod events",
+        after - before
+    );
+}
