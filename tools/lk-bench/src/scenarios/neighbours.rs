@@ -215,13 +215,12 @@ async fn node_leases(b: &Bench, r: &mut Report) {
     testkit::create_namespace(&b.client, ns, &[]).await;
     let leases: Api<Lease> = Api::namespaced(b.client.clone(), ns);
     create_node_leases(&leases, n).await;
-    let idle = window_cost(b, "Lease", async || 0, window, "bench-nodes-idle").await;
-    let churn = window_cost(
+    let (idle, churn) = idle_and_busy(
         b,
         "Lease",
         async || renew_all(&leases, n).await,
         window,
-        "bench-nodes-churn",
+        "bench-nodes",
     )
     .await;
     let _ = leases
@@ -299,6 +298,20 @@ async fn window_cost(
     }
 }
 
+/// An idle window, then one with `churn`: their costs (probes in `<probe>-idle` and
+/// `<probe>-churn`).
+async fn idle_and_busy(
+    b: &Bench,
+    kind: &str,
+    churn: impl AsyncFnMut() -> usize,
+    window: Duration,
+    probe: &str,
+) -> (WindowCost, WindowCost) {
+    let idle = window_cost(b, kind, async || 0, window, &format!("{probe}-idle")).await;
+    let busy = window_cost(b, kind, churn, window, &format!("{probe}-churn")).await;
+    (idle, busy)
+}
+
 /// Writes the table of an idle window against a busy one.
 fn window_table(r: &mut Report, what: &str, kind: &str, idle: &WindowCost, busy: &WindowCost) {
     r.add(format!("| window | {what} writes | operator {kind} watch events | operator CPU | operator RSS at end | grant p99 ms (N) |"));
@@ -320,19 +333,32 @@ fn window_table(r: &mut Report, what: &str, kind: &str, idle: &WindowCost, busy:
 /// One heartbeat of every node Lease; returns the writes that succeeded.
 async fn renew_all(leases: &Api<Lease>, n: usize) -> usize {
     let now = MicroTime(jiff::Timestamp::now());
-    let patch = serde_json::json!({"spec": {"renewTime": now}});
+    patch_all(
+        leases,
+        "node-",
+        n,
+        serde_json::json!({"spec": {"renewTime": now}}),
+    )
+    .await
+}
+
+/// Merge-patches `<prefix>0..<prefix>n` with `patch`, 32 at once; returns the writes
+/// that succeeded.
+async fn patch_all<K>(api: &Api<K>, prefix: &str, n: usize, patch: serde_json::Value) -> usize
+where
+    K: Clone + k8s_openapi::serde::de::DeserializeOwned + std::fmt::Debug,
+{
     futures::stream::iter(0..n)
         .map(|i| {
             let patch = &patch;
             async move {
-                leases
-                    .patch(
-                        &format!("node-{i}"),
-                        &PatchParams::default(),
-                        &Patch::Merge(patch),
-                    )
-                    .await
-                    .is_ok()
+                api.patch(
+                    &format!("{prefix}{i}"),
+                    &PatchParams::default(),
+                    &Patch::Merge(patch),
+                )
+                .await
+                .is_ok()
             }
         })
         .buffer_unordered(32)
@@ -523,17 +549,17 @@ async fn unlabelled_pods(b: &Bench, r: &mut Report) {
         .buffer_unordered(32)
         .collect::<Vec<_>>()
         .await;
-    let idle = window_cost(b, "Pod", async || 0, window, "bench-pods-idle").await;
     let mut round = 0u64;
-    let busy = window_cost(
+    let (idle, busy) = idle_and_busy(
         b,
         "Pod",
         async || {
             round += 1;
-            touch_all(&pods, n, round).await
+            let touch = serde_json::json!({"metadata": {"annotations": {"bench/round": round.to_string()}}});
+            patch_all(&pods, "p", n, touch).await
         },
         window,
-        "bench-pods-churn",
+        "bench-pods",
     )
     .await;
     let _ = pods
@@ -545,27 +571,4 @@ async fn unlabelled_pods(b: &Bench, r: &mut Report) {
     ));
     r.add(String::new());
     window_table(r, "Pod changes", "Pod", &idle, &busy);
-}
-
-/// One annotation change on every Pod `p0..pn`; returns the writes that succeeded.
-async fn touch_all(pods: &Api<k8s_openapi::api::core::v1::Pod>, n: usize, round: u64) -> usize {
-    let patch =
-        serde_json::json!({"metadata": {"annotations": {"bench/round": round.to_string()}}});
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let patch = &patch;
-            async move {
-                pods.patch(
-                    &format!("p{i}"),
-                    &PatchParams::default(),
-                    &Patch::Merge(patch),
-                )
-                .await
-                .is_ok()
-            }
-        })
-        .buffer_unordered(32)
-        .filter(|ok| std::future::ready(*ok))
-        .count()
-        .await
 }
