@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
+use k8s_openapi::api::core::v1::{Pod, PodStatus, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -35,6 +35,10 @@ const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 pub const SLICE_MANAGER: &str = "leasekeeper.io";
 /// How often a routed lock is looked at again (a holder's address and readiness).
 const REFRESH: Duration = Duration::from_secs(2);
+/// How soon it is looked at again while a holder's Pod is not listed as ready yet (it
+/// has no address, or is not Ready): traffic waits for that, so it is not left to
+/// [`REFRESH`].
+const AWAIT_HOLDER: Duration = Duration::from_millis(250);
 
 /// The label selector of the EndpointSlice watch: only leasekeeper's slices.
 pub(super) fn slice_selector() -> String {
@@ -157,34 +161,64 @@ pub(super) async fn publish(
     if services.is_empty() {
         return None;
     }
-    let pods = holder_pods(ctx, key, plan, claims).await;
+    let (pods, named) = holder_pods(ctx, key, plan, claims).await;
     for s in services {
         let desired = desired_slice(&s, &pods);
         write_if_changed(ctx, &key.namespace, desired).await;
     }
-    Some(REFRESH)
+    Some(look_again(named, &pods))
 }
 
-/// The holders' Pods, as read now (their addresses and readiness).
+/// When to read the holders again: soon while any of the `named` holder Pods is not yet
+/// a ready endpoint (missing, no address, not Ready), else at the steady pace.
+fn look_again(named: usize, pods: &[Pod]) -> Duration {
+    let serving = pods.iter().filter(|p| ready_address(p)).count();
+    if serving < named {
+        AWAIT_HOLDER
+    } else {
+        REFRESH
+    }
+}
+
+/// The Pod has an address and is Ready, and is not terminating.
+fn ready_address(p: &Pod) -> bool {
+    let Some(st) = p.status.as_ref() else {
+        return false;
+    };
+    st.pod_ip.as_ref().is_some_and(|ip| !ip.is_empty())
+        && is_ready(st)
+        && p.metadata.deletion_timestamp.is_none()
+}
+
+/// The Pod's Ready condition is True.
+fn is_ready(st: &PodStatus) -> bool {
+    st.conditions
+        .as_ref()
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The holders' Pods, as read now (their addresses and readiness), and how many holders
+/// name a Pod.
 async fn holder_pods(
     ctx: &Context,
     key: &LeaseKey,
     plan: &LockPlan,
     claims: &[Arc<LockClaim>],
-) -> Vec<Pod> {
+) -> (Vec<Pod>, usize) {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &key.namespace);
-    let mut out = Vec::new();
+    let (mut out, mut named) = (Vec::new(), 0);
     for claim in plan.holders.values() {
         let Some(c) = claims.iter().find(|c| c.name_any() == *claim) else {
             continue;
         };
         if let Some(pod) = holder_pod(c) {
+            named += 1;
             if let Ok(Some(p)) = api.get_opt(&pod).await {
                 out.push(p);
             }
         }
     }
-    out
+    (out, named)
 }
 
 /// The slice Service `s` should have with holder Pods `pods` (those with an address).
@@ -195,10 +229,7 @@ pub fn desired_slice(s: &Service, pods: &[Pod]) -> EndpointSlice {
         .filter_map(|p| {
             let st = p.status.as_ref()?;
             let ip = st.pod_ip.clone().filter(|ip| !ip.is_empty())?;
-            let ready = st
-                .conditions
-                .as_ref()
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let ready = is_ready(st);
             let terminating = p.metadata.deletion_timestamp.is_some();
             Some(Endpoint {
                 addresses: vec![ip],
@@ -379,6 +410,34 @@ mod tests {
             }),
             status: None,
         }
+    }
+
+    #[test]
+    fn a_holder_not_yet_a_ready_endpoint_is_looked_at_again_soon() {
+        let up = pod("a", Some("10.244.0.7"), true);
+        assert_eq!(look_again(1, std::slice::from_ref(&up)), REFRESH);
+        assert_eq!(look_again(0, &[]), REFRESH, "no holder Pod to wait for");
+        assert_eq!(look_again(1, &[]), AWAIT_HOLDER, "the Pod is not there yet");
+        assert_eq!(
+            look_again(1, &[pod("a", None, false)]),
+            AWAIT_HOLDER,
+            "no address"
+        );
+        assert_eq!(
+            look_again(1, &[pod("a", Some("10.244.0.7"), false)]),
+            AWAIT_HOLDER,
+            "not Ready"
+        );
+        let mut leaving = up.clone();
+        leaving.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
+        );
+        assert_eq!(look_again(1, &[leaving]), AWAIT_HOLDER, "terminating");
+        assert_eq!(
+            look_again(2, &[up.clone(), pod("b", None, false)]),
+            AWAIT_HOLDER,
+            "one of two holders waits"
+        );
     }
 
     #[test]
