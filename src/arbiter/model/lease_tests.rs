@@ -293,13 +293,7 @@ fn lock_delay_keeps_the_lease_unassigned_after_an_expiry() {
         ann.is_some(),
         "the delay survives a restart through the Lease annotation"
     );
-    assert_eq!(
-        w.claims["b"]
-            .condition(CONDITION_GRANTED)
-            .map(|c| c.reason.clone())
-            .as_deref(),
-        Some(Reason::LockDelay.as_str())
-    );
+    assert_eq!(w.reason("b").as_deref(), Some(Reason::LockDelay.as_str()));
     w.restart();
     w.advance(secs(6));
     w.settle();
@@ -380,10 +374,7 @@ fn max_hold_ends_a_grant_as_expired() {
     w.settle();
     assert_eq!(w.phase("a"), Some(Phase::Expired));
     assert_eq!(
-        w.claims["a"]
-            .condition(CONDITION_GRANTED)
-            .map(|c| c.reason.clone())
-            .as_deref(),
+        w.reason("a").as_deref(),
         Some(Reason::MaxHoldExceeded.as_str())
     );
 }
@@ -459,10 +450,7 @@ fn an_outsiders_lease_is_respected_while_renewed_then_taken_over_when_its_owner_
     w.settle();
     assert_eq!(w.phase("a"), Some(Phase::Pending));
     assert_eq!(
-        w.claims["a"]
-            .condition(CONDITION_GRANTED)
-            .map(|c| c.reason.clone())
-            .as_deref(),
+        w.reason("a").as_deref(),
         Some(Reason::HeldExternally.as_str())
     );
     assert_eq!(
@@ -605,10 +593,7 @@ fn the_holders_identity_alone_never_makes_a_claim_the_holder() {
         "not adopted by identity"
     );
     assert_eq!(
-        w.claims["adopt"]
-            .condition(CONDITION_GRANTED)
-            .map(|c| c.reason.clone())
-            .as_deref(),
+        w.reason("adopt").as_deref(),
         Some(Reason::HeldExternally.as_str())
     );
 }
@@ -642,10 +627,7 @@ fn expiry_and_max_hold_follow_the_claim_not_fields_the_holder_edits_on_the_lease
     }
     assert_eq!(w.phase("b"), Some(Phase::Expired));
     assert_eq!(
-        w.claims["b"]
-            .condition(CONDITION_GRANTED)
-            .map(|c| c.reason.clone())
-            .as_deref(),
+        w.reason("b").as_deref(),
         Some(Reason::MaxHoldExceeded.as_str())
     );
 }
@@ -703,10 +685,7 @@ fn a_duplicate_identity_is_rejected_and_the_older_claim_kept() {
     assert_eq!(w.phase("first"), Some(Phase::Granted));
     assert_eq!(w.phase("second"), Some(Phase::Rejected));
     assert_eq!(
-        w.claims["second"]
-            .condition(CONDITION_GRANTED)
-            .map(|c| c.reason.clone())
-            .as_deref(),
+        w.reason("second").as_deref(),
         Some(Reason::DuplicateIdentity.as_str())
     );
 }
@@ -827,13 +806,7 @@ fn a_lease_deleted_while_held_is_reported_and_regranted() {
     w.delete_lease();
     w.settle();
     assert_eq!(w.phase("a"), Some(Phase::Expired));
-    assert_eq!(
-        w.claims["a"]
-            .condition(CONDITION_GRANTED)
-            .map(|c| c.reason.clone())
-            .as_deref(),
-        Some(Reason::LeaseLost.as_str())
-    );
+    assert_eq!(w.reason("a").as_deref(), Some(Reason::LeaseLost.as_str()));
     assert!(w
         .notes
         .iter()

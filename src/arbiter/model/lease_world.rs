@@ -708,6 +708,15 @@ impl World {
         self.server.claims.get(name).and_then(|c| c.phase())
     }
 
+    /// The reason of claim `name`'s Granted condition.
+    pub fn reason(&self, name: &str) -> Option<String> {
+        self.server
+            .claims
+            .get(name)
+            .and_then(|c| c.condition(crate::api::CONDITION_GRANTED))
+            .map(|c| c.reason.clone())
+    }
+
     pub fn holder(&self) -> Option<String> {
         self.lease()
             .and_then(|l| l.spec.as_ref())
