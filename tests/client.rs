@@ -17,21 +17,7 @@ const GC: Duration = Duration::from_secs(300);
 
 /// `kubectl` with `kubectl-lock` on PATH, so `kubectl lock ...` runs the plugin.
 fn kubectl_lock(ns: &str, args: &[&str]) -> Command {
-    let plugin_dir = Path::new(env!("CARGO_BIN_EXE_kubectl-lock"))
-        .parent()
-        .expect("dir")
-        .to_path_buf();
-    let path = format!(
-        "{}:{}:{}",
-        plugin_dir.display(),
-        support::bin_dir().display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let mut c = Command::new(support::bin_dir().join("kubectl"));
-    c.arg("lock").args(["-n", ns]).args(args);
-    c.env("PATH", path)
-        .env("KUBECONFIG", support::kubeconfig_path());
-    c
+    support::kubectl_lock(Path::new(env!("CARGO_BIN_EXE_kubectl-lock")), ns, args)
 }
 
 fn scratch(name: &str) -> PathBuf {

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -380,22 +379,7 @@ async fn fence_04_bad_tokens_unguarding_and_unguarded_kinds_get_clear_answers() 
 }
 
 fn kubectl_lock(ns: &str, args: &[&str]) -> (bool, String, String) {
-    let plugin_dir = Path::new(env!("CARGO_BIN_EXE_kubectl-lock"))
-        .parent()
-        .expect("dir")
-        .to_path_buf();
-    let path = format!(
-        "{}:{}:{}",
-        plugin_dir.display(),
-        support::bin_dir().display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let out = Command::new(support::bin_dir().join("kubectl"))
-        .arg("lock")
-        .args(["-n", ns])
-        .args(args)
-        .env("PATH", path)
-        .env("KUBECONFIG", support::kubeconfig_path())
+    let out = support::kubectl_lock(Path::new(env!("CARGO_BIN_EXE_kubectl-lock")), ns, args)
         .output()
         .expect("kubectl lock");
     (

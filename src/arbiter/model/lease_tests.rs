@@ -75,9 +75,7 @@ fn a_claim_on_an_absent_lease_creates_it_and_is_granted() {
         "the grant names the claim's uid"
     );
     assert_eq!(
-        w.claims["a"]
-            .condition(CONDITION_GRANTED)
-            .map(|c| c.status.as_str()),
+        w.condition_status("a", CONDITION_GRANTED).as_deref(),
         Some("True")
     );
     assert!(reasons(&w, "a").contains(&Reason::Granted.as_str()));
@@ -205,9 +203,7 @@ fn release_true_marks_released_then_the_next_claim_is_granted_in_that_order() {
     assert_eq!(w.phase("a"), Some(Phase::Released));
     assert_eq!(w.phase("b"), Some(Phase::Granted));
     assert_eq!(
-        w.claims["a"]
-            .condition(CONDITION_FINISHED)
-            .map(|c| c.status.as_str()),
+        w.condition_status("a", CONDITION_FINISHED).as_deref(),
         Some("True")
     );
     assert!(reasons(&w, "a").contains(&Reason::Released.as_str()));
@@ -998,9 +994,8 @@ fn a_waiter_past_its_acquire_timeout_times_out_and_finishes_and_the_holder_keeps
         Some(("False".into(), Reason::AcquireTimeout.as_str().into()))
     );
     assert_eq!(
-        w.claims["impatient"]
-            .condition(CONDITION_FINISHED)
-            .map(|c| c.status.as_str()),
+        w.condition_status("impatient", CONDITION_FINISHED)
+            .as_deref(),
         Some("True")
     );
     assert!(reasons(&w, "impatient").contains(&Reason::AcquireTimeout.as_str()));

@@ -708,6 +708,15 @@ impl World {
         self.server.claims.get(name).and_then(|c| c.phase())
     }
 
+    /// The status ("True", "False") of claim `name`'s condition `type_`.
+    pub fn condition_status(&self, name: &str, type_: &str) -> Option<String> {
+        self.server
+            .claims
+            .get(name)
+            .and_then(|c| c.condition(type_))
+            .map(|c| c.status.clone())
+    }
+
     /// The reason of claim `name`'s Granted condition.
     pub fn reason(&self, name: &str) -> Option<String> {
         self.server

@@ -286,3 +286,19 @@ pub fn commit() -> String {
     };
     format!("{}{dirty}", git(&["rev-parse", "--short", "HEAD"]))
 }
+
+/// `kubectl lock ARGS` in namespace `ns` against the test plane, with the plugin binary
+/// `plugin` (a test's `env!("CARGO_BIN_EXE_kubectl-lock")`) on PATH.
+pub fn kubectl_lock(plugin: &Path, ns: &str, args: &[&str]) -> std::process::Command {
+    let plugin_dir = plugin.parent().expect("the plugin's directory");
+    let path = format!(
+        "{}:{}:{}",
+        plugin_dir.display(),
+        bin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut c = std::process::Command::new(bin_dir().join("kubectl"));
+    c.arg("lock").args(["-n", ns]).args(args);
+    c.env("PATH", path).env("KUBECONFIG", kubeconfig_path());
+    c
+}
